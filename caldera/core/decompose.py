@@ -1,0 +1,137 @@
+"""The CALDERA loop: W (m, n) ≈ Q + L·R against the layer-input Hessian H (n, n).
+
+    min ||(W - Q - L R) H^½||_F   with Q at BQ bits (group-wise), L (m, k) at BL bits, R (k, n) at BR bits.
+
+Rounds alternate Q = LDLQ(W - L R) and (L, R) = weighted low rank of W - Q, for ``iters`` rounds,
+keeping the iterate with the least activation-aware error. With incoherence, the whole problem is
+solved for W̃ = U_out W U_inᵀ and H̃ = U_in H U_inᵀ; ``Decomposition.dense`` undoes the transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from caldera.config import ConfigError, DecomposeConfig, Method
+from caldera.core.incoherence import IncoherenceTransform, restore_weight, transform_hessian, transform_weight
+from caldera.core.ldlq import check_hessian, damp, damped_factors, ldlq
+from caldera.core.lowrank import quantized_lowrank
+from caldera.core.metrics import act_err, fro_err
+from caldera.core.quantize import QuantizedTensor, quantize
+
+SIGN_BYTES_PER_DIM = 1 / 8  # incoherence signs are stored one bit each
+
+
+@dataclasses.dataclass
+class Decomposition:
+    """Q (m, n), optional L (m, k) and R (k, n), all in the transformed domain when u_out/u_in are set."""
+
+    q: QuantizedTensor
+    l: QuantizedTensor | None  # noqa: E741 (the paper's name)
+    r: QuantizedTensor | None
+    u_out: IncoherenceTransform | None
+    u_in: IncoherenceTransform | None
+    act_err: float  # sqrt(tr(Δ H Δᵀ) / tr(W H Wᵀ)) of the kept iterate
+    fro_err: float
+    history: list[float]  # act_err of every round, in order
+    seconds: float
+    damping: float  # damping actually used (raised if H was not positive definite)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.l is None else self.l.shape[1]
+
+    def transformed(self) -> torch.Tensor:
+        """Q + L R in the transformed domain, float32 (m, n)."""
+        w = self.q.dequantize()
+        if self.l is not None:
+            w = w + self.l.dequantize() @ self.r.dequantize()
+        return w
+
+    def dense(self) -> torch.Tensor:
+        """The approximation of the original W, float32 (m, n)."""
+        w = self.transformed()
+        return w if self.u_in is None else restore_weight(w, self.u_out, self.u_in)
+
+    def nbytes(self) -> int:
+        """Every stored byte: codes, scales, zero points, L, R and incoherence signs."""
+        n = self.q.nbytes()
+        if self.l is not None:
+            n += self.l.nbytes() + self.r.nbytes()
+        if self.u_in is not None:
+            n += int(-(-(self.u_out.n + self.u_in.n) * SIGN_BYTES_PER_DIM // 1))
+        return n
+
+    def bits_per_weight(self) -> float:
+        m, n = self.shape
+        return 8 * self.nbytes() / (m * n)
+
+
+def transforms_for(m: int, n: int, seed: int) -> tuple[IncoherenceTransform, IncoherenceTransform]:
+    """The (out, in) incoherence transforms a matrix decomposed with this seed uses."""
+    return IncoherenceTransform(m, 2 * seed), IncoherenceTransform(n, 2 * seed + 1)
+
+
+def _check(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> None:
+    if w.ndim != 2:
+        raise ConfigError(f"weight must be 2-D, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ConfigError("weight contains NaN or Inf")
+    if cfg.rank > min(w.shape):
+        raise ConfigError(f"rank={cfg.rank} exceeds min(m, n)={min(w.shape)} for a {tuple(w.shape)} matrix")
+    if cfg.method is not Method.RTN:
+        if h is None:
+            raise ConfigError(f"method {cfg.method.value} needs a Hessian")
+        check_hessian(h, w.shape[1])
+
+
+def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> Decomposition:
+    """Decompose w (m, n) against h (n, n) = E[x xᵀ] on w's device. RTN ignores h (may be None)."""
+    _check(w, h, cfg)
+    start = time.perf_counter()
+    wf = w.float()
+    m, n = wf.shape
+    hf = torch.eye(n, device=w.device) if h is None else h.to(w.device, torch.float32)
+    u_out = u_in = None
+    if cfg.incoherence:
+        u_out, u_in = transforms_for(m, n, cfg.seed)
+        wf, hf = transform_weight(wf, u_out, u_in), transform_hessian(hf, u_in)
+    if cfg.method is Method.RTN:
+        q, lam = quantize(wf, cfg.q_quant()), 0.0
+        err = act_err(wf, q.dequantize(), hf)
+        (q, left, right, err), history = (q, None, None, err), [err]
+    else:
+        (q, left, right, err), history, lam = _alternate(wf, hf, cfg)
+    dec = Decomposition(q, left, right, u_out, u_in, err, 0.0, history, 0.0, lam)
+    dec.fro_err = fro_err(wf, dec.transformed())  # transforms are orthogonal: same in either domain
+    dec.seconds = time.perf_counter() - start
+    return dec
+
+
+def _alternate(w: torch.Tensor, h: torch.Tensor, cfg: DecomposeConfig):
+    """Rounds of Q = LDLQ(W - LR), (L, R) = lowrank(W - Q): the best (Q, L, R, act_err), all errors,
+    and the damping used."""
+    c, u, lam = damped_factors(h, cfg.damping)
+    hd = damp(h, lam)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best, history = None, []
+    lr = torch.zeros_like(w)
+    for _ in range(cfg.iters if cfg.rank else 1):
+        q = ldlq(w - lr, u, cfg.q_quant(), cfg.block_size)
+        left = right = None
+        if cfg.rank:
+            left, right, _ = quantized_lowrank(
+                w - q.dequantize(), hd, c, cfg.rank, cfg.l_quant(), cfg.r_quant(), cfg.lr_iters,
+                cfg.randomized_svd, gen,
+            )
+            lr = left.dequantize() @ right.dequantize()
+        history.append(act_err(w, q.dequantize() + lr, h))
+        if best is None or history[-1] < best[3]:
+            best = (q, left, right, history[-1])
+    return best, history, lam
