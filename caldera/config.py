@@ -152,4 +152,3 @@ class DecomposeConfig(_Config):
 
     def r_quant(self) -> QuantConfig:
         return QuantConfig(self.br, self.lr_group_size, self.zero_point, clip_search=self.clip_search)
-

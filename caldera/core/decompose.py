@@ -127,8 +127,15 @@ def _alternate(w: torch.Tensor, h: torch.Tensor, cfg: DecomposeConfig):
         left = right = None
         if cfg.rank:
             left, right, _ = quantized_lowrank(
-                w - q.dequantize(), hd, c, cfg.rank, cfg.l_quant(), cfg.r_quant(), cfg.lr_iters,
-                cfg.randomized_svd, gen,
+                w - q.dequantize(),
+                hd,
+                c,
+                cfg.rank,
+                cfg.l_quant(),
+                cfg.r_quant(),
+                cfg.lr_iters,
+                cfg.randomized_svd,
+                gen,
             )
             lr = left.dequantize() @ right.dequantize()
         history.append(act_err(w, q.dequantize() + lr, h))

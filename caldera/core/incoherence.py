@@ -42,9 +42,7 @@ def split_pow2(n: int) -> tuple[int, int]:
 def orthogonal_block(q: int) -> torch.Tensor:
     """Haar-random orthogonal (q, q) float64, a fixed function of q (CPU, seeded)."""
     if q > MAX_BLOCK:
-        raise ValueError(
-            f"dimension with odd factor {q} > {MAX_BLOCK} is not supported by the incoherence transform"
-        )
+        raise ValueError(f"dimension with odd factor {q} > {MAX_BLOCK} is not supported by the incoherence transform")
     if q == 1:
         return torch.ones(1, 1, dtype=torch.float64)
     g = torch.Generator().manual_seed(BLOCK_SEED + q)

@@ -45,9 +45,7 @@ def weighted_lowrank(a: torch.Tensor, c: torch.Tensor, k: int, randomized: bool 
     return left, right
 
 
-def weighted_sq_err(
-    a_h_a: float, a_h: torch.Tensor, left: torch.Tensor, right: torch.Tensor, h: torch.Tensor
-) -> float:
+def weighted_sq_err(a_h_a: float, a_h: torch.Tensor, left: torch.Tensor, right: torch.Tensor, h: torch.Tensor) -> float:
     """tr((A - LR) H (A - LR)ᵀ) from tr(A H Aᵀ) and A H (m, n), without forming A - LR."""
     rh = right @ h  # (k, n)
     cross = torch.sum(left * (a_h @ right.T)).double()
