@@ -109,16 +109,17 @@ def _to_fp16_scale(s: torch.Tensor, pow2: bool) -> torch.Tensor:
     return s.clamp(max=65504.0).half()
 
 
-def _candidate(g: torch.Tensor, ratio: float, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (rows, ngroups) fp16 and zeros for group tensor g (rows, ngroups, gs), range shrunk by ratio."""
+def _candidate(
+    lo: torch.Tensor, hi: torch.Tensor, ratio: float, cfg: QuantConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (rows, ngroups) fp16 and zeros for a group range [lo, hi] (max-abs in hi when symmetric)
+    shrunk by ratio."""
     qmax = 2**cfg.bits - 1
     if cfg.zero_point:
-        lo = g.amin(-1).clamp(max=0) * ratio
-        hi = g.amax(-1).clamp(min=0) * ratio
-        scale = _to_fp16_scale((hi - lo) / qmax, cfg.pow2_scales)
-        zeros = torch.round(-lo / scale.float()).clamp(0, qmax).to(torch.uint8)
+        scale = _to_fp16_scale((hi - lo) * ratio / qmax, cfg.pow2_scales)
+        zeros = torch.round(-lo * ratio / scale.float()).clamp(0, qmax).to(torch.uint8)
         return scale, zeros
-    return _to_fp16_scale(g.abs().amax(-1) * ratio / (qmax / 2), cfg.pow2_scales), None
+    return _to_fp16_scale(hi * ratio / (qmax / 2), cfg.pow2_scales), None
 
 
 def fit_scales(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,14 +129,20 @@ def fit_scales(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.T
     squared rounding error (round to nearest), which matters at 2-3 bits where max-abs wastes levels.
     """
     g = _grouped(w, cfg.group_size)
+    if cfg.zero_point:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    else:
+        lo, hi = None, g.abs().amax(-1)
     ratios = CLIP_RATIOS if cfg.clip_search else (1.0,)
     qmax = 2**cfg.bits - 1
     best = best_err = None
     for ratio in ratios:
-        scale, zeros = _candidate(g, ratio, cfg)
+        scale, zeros = _candidate(lo, hi, ratio, cfg)
+        if len(ratios) == 1:
+            return scale, zeros
         s = scale.float().unsqueeze(-1)
         off = (qmax / 2) if zeros is None else zeros.float().unsqueeze(-1)
-        err = ((torch.round(g / s + off).clamp(0, qmax) - off) * s - g).square().sum(-1)
+        err = ((torch.round(g / s + off).clamp_(0, qmax) - off) * s - g).square_().sum(-1)
         if best is None:
             best, best_err = (scale, zeros), err
             continue

@@ -1,0 +1,3 @@
+from caldera.cli import main
+
+main()

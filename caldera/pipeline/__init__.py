@@ -1,0 +1,1 @@
+"""Pipeline stages: loops, resume, progress around the math core."""

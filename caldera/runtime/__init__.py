@@ -1,0 +1,1 @@
+"""Runtime paths for compressed models."""
