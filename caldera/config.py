@@ -29,6 +29,13 @@ class Method(enum.StrEnum):
     CALDERA = "caldera"  # Q + L·R, alternating, with incoherence
 
 
+def _enum(cls: type[enum.Enum], field: str, value: Any) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(f"{field}={value!r} is not one of {', '.join(str(v.value) for v in cls)}") from None
+
+
 class _Config:
     """JSON round-trip for the frozen dataclasses below (enums as their values)."""
 
@@ -83,7 +90,7 @@ class QuantConfig(_Config):
             raise ConfigError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size < 1:
             raise ConfigError(f"group_size={self.group_size} must be >= 1")
-        object.__setattr__(self, "rounding", Rounding(self.rounding))
+        object.__setattr__(self, "rounding", _enum(Rounding, "rounding", self.rounding))
 
     @property
     def is_float(self) -> bool:
@@ -106,7 +113,7 @@ class DecomposeConfig(_Config):
     lr_group_size: int = 64  # L's group (along the rank) and R's group (along the input dimension)
     iters: int = 10  # outer CALDERA rounds (Q update, then L·R update)
     lr_iters: int = 5  # alternating refinement of the quantized factors per round
-    incoherence: bool = True
+    incoherence: bool | None = None  # None: as the method implies (ldlq-had and caldera: on)
     damping: float = 0.01  # relative to the mean diagonal of H
     block_size: int = 128  # LDLQ lazy-update block (columns)
     randomized_svd: bool = False
@@ -115,7 +122,12 @@ class DecomposeConfig(_Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", Method(self.method))
+        object.__setattr__(self, "method", _enum(Method, "method", self.method))
+        implied = self.method in (Method.LDLQ_HAD, Method.CALDERA)
+        if self.incoherence is None:
+            object.__setattr__(self, "incoherence", implied)
+        elif self.method is not Method.CALDERA and self.incoherence != implied:
+            raise ConfigError(f"method {self.method.value} implies incoherence={implied}")
         for name in ("bq", "bl", "br"):
             if getattr(self, name) not in SUPPORTED_BITS:
                 raise ConfigError(f"{name}={getattr(self, name)} is not supported; choose one of {SUPPORTED_BITS}")
@@ -135,13 +147,10 @@ class DecomposeConfig(_Config):
 
     @classmethod
     def for_method(cls, method: Method | str, **kw: Any) -> DecomposeConfig:
-        """The config a method implies (rank 0 and incoherence as the method says)."""
-        method = Method(method)
+        """The config of a method with the other defaults: rank 0 unless caldera."""
+        method = _enum(Method, "method", method)
         if method is not Method.CALDERA:
             kw["rank"] = 0
-            kw["incoherence"] = method is Method.LDLQ_HAD
-        else:
-            kw.setdefault("incoherence", True)
         return cls(method=method, **kw)
 
     def q_quant(self) -> QuantConfig:

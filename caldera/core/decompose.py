@@ -16,7 +16,7 @@ import torch
 
 from caldera.config import ConfigError, DecomposeConfig, Method
 from caldera.core.incoherence import IncoherenceTransform, restore_weight, transform_hessian, transform_weight
-from caldera.core.ldlq import check_hessian, damp, damped_factors, ldlq
+from caldera.core.ldlq import check_hessian, damped_factors, damping_shift, ldlq
 from caldera.core.lowrank import quantized_lowrank
 from caldera.core.metrics import act_err, fro_err
 from caldera.core.quantize import QuantizedTensor, quantize
@@ -35,7 +35,7 @@ class Decomposition:
     u_in: IncoherenceTransform | None
     act_err: float  # sqrt(tr(Δ H Δᵀ) / tr(W H Wᵀ)) of the kept iterate
     fro_err: float
-    history: list[float]  # act_err of every round, in order
+    history: list[float]  # act_err after each round: non-increasing, last == act_err
     seconds: float
     damping: float  # damping actually used (raised if H was not positive definite)
 
@@ -85,14 +85,19 @@ def _check(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> Non
         raise ConfigError("weight contains NaN or Inf")
     if cfg.rank > min(w.shape):
         raise ConfigError(f"rank={cfg.rank} exceeds min(m, n)={min(w.shape)} for a {tuple(w.shape)} matrix")
-    if cfg.method is not Method.RTN:
-        if h is None:
-            raise ConfigError(f"method {cfg.method.value} needs a Hessian")
-        check_hessian(h, w.shape[1])
+    if h is None and cfg.method is not Method.RTN:
+        raise ConfigError(f"method {cfg.method.value} needs a Hessian")
+    if h is not None:
+        if tuple(h.shape) != (w.shape[1], w.shape[1]):
+            raise ConfigError(f"Hessian has shape {tuple(h.shape)}, expected ({w.shape[1]}, {w.shape[1]})")
+        check_hessian(h)
 
 
 def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> Decomposition:
-    """Decompose w (m, n) against h (n, n) = E[x xᵀ] on w's device. RTN ignores h (may be None)."""
+    """Decompose w (m, n) against h (n, n) = E[x xᵀ] on w's device. RTN ignores h (may be None).
+
+    h may live elsewhere (e.g. on the CPU): only one transformed float32 copy is made on w's device.
+    """
     _check(w, h, cfg)
     start = time.perf_counter()
     wf = w.float()
@@ -115,30 +120,35 @@ def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> 
 
 
 def _alternate(w: torch.Tensor, h: torch.Tensor, cfg: DecomposeConfig):
-    """Rounds of Q = LDLQ(W - LR), (L, R) = lowrank(W - Q): the best (Q, L, R, act_err), all errors,
-    and the damping used."""
-    c, u, lam = damped_factors(h, cfg.damping)
-    hd = damp(h, lam)
+    """Block coordinate descent on the activation-aware error: (best (Q, L, R, err), history, damping).
+
+    Each round proposes Q = LDLQ(W - LR), then (L, R) = lowrank(W - Q); a proposal is kept only if it
+    lowers the error, so ``history`` (the error after each round) never increases. Rounds stop early
+    when neither step improves.
+    """
+    u, lam = damped_factors(h, cfg.damping)
+    shift = damping_shift(h, lam)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best, history = None, []
+    q = left = right = None
     lr = torch.zeros_like(w)
+    err, history = float("inf"), []
     for _ in range(cfg.iters if cfg.rank else 1):
-        q = ldlq(w - lr, u, cfg.q_quant(), cfg.block_size)
-        left = right = None
+        improved = False
+        q_new = ldlq(w - lr, u, cfg.q_quant(), cfg.block_size)
+        qd = q_new.dequantize()
+        e = act_err(w, qd + lr, h)
+        if e < err:
+            q, err, improved = q_new, e, True
+        qd = q.dequantize()
         if cfg.rank:
-            left, right, _ = quantized_lowrank(
-                w - q.dequantize(),
-                hd,
-                c,
-                cfg.rank,
-                cfg.l_quant(),
-                cfg.r_quant(),
-                cfg.lr_iters,
-                cfg.randomized_svd,
-                gen,
+            l_new, r_new, _ = quantized_lowrank(
+                w - qd, h, shift, u, cfg.rank, cfg.l_quant(), cfg.r_quant(), cfg.lr_iters, cfg.randomized_svd, gen
             )
-            lr = left.dequantize() @ right.dequantize()
-        history.append(act_err(w, q.dequantize() + lr, h))
-        if best is None or history[-1] < best[3]:
-            best = (q, left, right, history[-1])
-    return best, history, lam
+            lr_new = l_new.dequantize() @ r_new.dequantize()
+            e = act_err(w, qd + lr_new, h)
+            if e < err:
+                left, right, lr, err, improved = l_new, r_new, lr_new, e, True
+        history.append(err)
+        if not improved:
+            break
+    return (q, left, right, err), history, lam

@@ -19,36 +19,46 @@ class HessianError(RuntimeError):
     """H is not usable: non-finite, wrong shape, or not positive definite even after damping."""
 
 
-def check_hessian(h: torch.Tensor, n: int) -> None:
-    if h.shape != (n, n):
-        raise HessianError(f"Hessian has shape {tuple(h.shape)}, expected ({n}, {n})")
+def check_hessian(h: torch.Tensor) -> None:
+    """Raise HessianError unless h is finite with a non-negative diagonal (as any E[x xᵀ] is)."""
     if not torch.isfinite(h).all():
         raise HessianError("Hessian contains NaN or Inf")
+    if (torch.diagonal(h) < 0).any():
+        raise HessianError("Hessian has negative diagonal entries: it is not E[x xᵀ] of any inputs")
+
+
+def damping_shift(h: torch.Tensor, damping: float) -> float:
+    """damping · mean(diag H), zero (dead) diagonal entries counted as 1: the multiple of I ``damp`` adds."""
+    diag = torch.diagonal(h).double()
+    return damping * float(torch.where(diag == 0, 1.0, diag).mean())
 
 
 def damp(h: torch.Tensor, damping: float) -> torch.Tensor:
     """H + damping · mean(diag H) · I, float32; zero-diagonal (dead) inputs get a unit diagonal."""
+    shift = damping_shift(h, damping)
     h = h.float().clone()
     diag = torch.diagonal(h)
-    diag[diag <= 0] = 1.0
-    diag += damping * diag.mean()
+    diag[diag == 0] = 1.0
+    diag += shift
     return h
 
 
-def damped_factors(h: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Cholesky factors of the damped H, retrying with more damping until H is positive definite.
+def damped_factors(h: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """U (n, n) upper triangular with UᵀU = H_damped⁻¹, and the damping used.
 
-    Returns (C, U, damping used): C lower with C Cᵀ = H_damped (n, n), U upper with UᵀU = H_damped⁻¹.
-    Raises HessianError after MAX_DAMPING_TRIES.
+    Damping grows ×10 until H is positive definite; HessianError after MAX_DAMPING_TRIES. At most
+    three (n, n) buffers are alive at once (29568² float32 is 3.5 GB).
     """
     lam = damping
     for _ in range(MAX_DAMPING_TRIES):
-        hd = damp(h, lam)
-        c, info = torch.linalg.cholesky_ex(hd)
+        c, info = torch.linalg.cholesky_ex(damp(h, lam))
         if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(c), upper=True)
+            hinv = torch.cholesky_inverse(c)
+            del c
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and torch.isfinite(u).all():
-                return c, u, lam
+                return u, lam
         lam *= 10
     raise HessianError(
         f"Hessian is not positive definite even with damping {lam / 10:g} × mean diagonal; "

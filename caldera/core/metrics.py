@@ -15,6 +15,8 @@ def act_err(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     h = h.float()
     num = torch.sum((d @ h) * d).double()
     den = torch.sum((w @ h) * w).double()
+    if not den > 0:
+        raise ValueError(f"tr(W H Wᵀ) = {float(den):g} is not positive: W is zero or H is not positive semi-definite")
     return float(torch.sqrt(num.clamp(min=0) / den))
 
 

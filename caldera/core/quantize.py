@@ -135,6 +135,10 @@ def fit_scales(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.T
         lo, hi = None, g.abs().amax(-1)
     ratios = CLIP_RATIOS if cfg.clip_search else (1.0,)
     qmax = 2**cfg.bits - 1
+    cols = w.shape[1]
+    valid = None  # the zero padding of a ragged last group must not count in the error
+    if cols % cfg.group_size:
+        valid = (torch.arange(g.shape[1] * cfg.group_size, device=g.device) < cols).view(1, -1, cfg.group_size)
     best = best_err = None
     for ratio in ratios:
         scale, zeros = _candidate(lo, hi, ratio, cfg)
@@ -142,7 +146,8 @@ def fit_scales(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.T
             return scale, zeros
         s = scale.float().unsqueeze(-1)
         off = (qmax / 2) if zeros is None else zeros.float().unsqueeze(-1)
-        err = ((torch.round(g / s + off).clamp_(0, qmax) - off) * s - g).square_().sum(-1)
+        err = ((torch.round(g / s + off).clamp_(0, qmax) - off) * s - g).square_()
+        err = err.mul_(valid).sum(-1) if valid is not None else err.sum(-1)
         if best is None:
             best, best_err = (scale, zeros), err
             continue

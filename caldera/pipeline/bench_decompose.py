@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from caldera.config import ConfigError, DecomposeConfig, Method
-from caldera.core import decompose
+from caldera.core.decompose import decompose
 from caldera.testing.synthetic import synthetic_hessian, synthetic_weight
 
 DEFAULT_SHAPES = ((896, 896), (4864, 896), (8192, 8192), (8192, 29568))
@@ -89,7 +89,7 @@ def run(
     configs = {name: preset_config(name, seed=seed, **overrides) for name in methods}
     for m, n in shapes:
         w = synthetic_weight(m, n, seed, device=dev)
-        h = synthetic_hessian(n, seed + 1, device=dev)
+        h = synthetic_hessian(n, seed + 1, device=dev).cpu()  # as a pipeline loads it: H stays in host memory
         for name, cfg in configs.items():
             if cfg.rank > min(m, n):
                 cfg = dataclasses.replace(cfg, rank=min(m, n))

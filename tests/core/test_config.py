@@ -111,11 +111,6 @@ def test_quant_configs_follow_the_decompose_config():
     assert cfg.r_quant() == QuantConfig(8, 16, True, clip_search=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG config: an invalid enum value raises the enum's bare ValueError, not ConfigError naming the field",
-)
 @pytest.mark.parametrize(
     ("cls", "kw", "field"),
     [(DecomposeConfig, {"method": "bogus"}, "method"), (QuantConfig, {"rounding": "up"}, "rounding")],

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from caldera.config import DecomposeConfig, QuantConfig, Rounding
-from caldera.core import HessianError, decompose
-from caldera.core.ldlq import check_hessian, damp, damped_factors, ldlq
+from caldera.core.decompose import decompose
+from caldera.core.ldlq import HessianError, check_hessian, damp, damped_factors, ldlq
 from caldera.core.metrics import act_err
 from caldera.core.quantize import CLIP_RATIOS, quantize
 from caldera.testing import lowrank_plus_noise, random_spd_hessian
@@ -40,24 +40,13 @@ def mismatch(qt, codes: np.ndarray) -> float:
         (8, False, False, 256, 32),  # block smaller than the group: grows to one group
         (2, False, True, 256, 128),
         (3, True, True, 256, 128),
-        pytest.param(
-            2,
-            False,
-            True,
-            200,
-            128,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="BUG fit_scales: zero padding of the ragged last group counts in the clip search",
-            ),
-        ),
+        (2, False, True, 200, 128),  # ragged last group with clip search
     ],
 )
 def test_blocked_matches_textbook(bits, zero_point, clip, n, block):
     w, h = problem(n=n, seed=bits)
     cfg = QuantConfig(bits, 64, zero_point, clip_search=clip)
-    _, u, lam = damped_factors(h, 0.01)
+    u, lam = damped_factors(h, 0.01)
     qt = ldlq(w, u, cfg, block_size=block)
     codes, scales, zeros = ref.ldlq(w.numpy(), ref.damp(h.numpy(), lam), cfg, CLIP_RATIOS if clip else (1.0,))
     assert mismatch(qt, codes) <= MAX_MISMATCH
@@ -68,7 +57,7 @@ def test_blocked_matches_textbook(bits, zero_point, clip, n, block):
 
 def test_block_size_does_not_change_the_result():
     w, h = problem(seed=7)
-    _, u, _ = damped_factors(h, 0.01)
+    u, _ = damped_factors(h, 0.01)
     cfg = QuantConfig(3, 32)
     base = ldlq(w, u, cfg, block_size=32)
     for block in (64, 96, 256, 1000):
@@ -80,7 +69,7 @@ def test_beats_round_to_nearest(bits, clip):
     """The activation-aware error of LDLQ is below RTN's (public quantize(), same config) on a correlated H."""
     w, h = problem(seed=10 + bits)
     cfg = QuantConfig(bits, 64, clip_search=clip)
-    _, u, _ = damped_factors(h, 0.01)
+    u, _ = damped_factors(h, 0.01)
     e_ldlq = act_err(w, ldlq(w, u, cfg).dequantize(), h)
     e_rtn = act_err(w, quantize(w, cfg).dequantize(), h)
     assert e_ldlq < 0.95 * e_rtn
@@ -88,7 +77,7 @@ def test_beats_round_to_nearest(bits, clip):
 
 def test_stochastic_rounding_is_seeded():
     w, h = problem(seed=20)
-    _, u, _ = damped_factors(h, 0.01)
+    u, _ = damped_factors(h, 0.01)
     cfg = QuantConfig(2, 64, rounding=Rounding.STOCHASTIC, seed=1)
     a, b = ldlq(w, u, cfg), ldlq(w, u, cfg)
     assert torch.equal(a.codes, b.codes)
@@ -107,10 +96,9 @@ def test_damp_matches_reference_and_keeps_input():
 
 def test_factors():
     h = random_spd_hessian(64, 1)
-    c, u, lam = damped_factors(h, 0.01)
+    u, lam = damped_factors(h, 0.01)
     hd = damp(h, 0.01).double()
     assert lam == 0.01
-    torch.testing.assert_close(c.double() @ c.double().T, hd, rtol=1e-5, atol=1e-5 * hd.diagonal().mean().item())
     eye = torch.eye(64, dtype=torch.float64)
     torch.testing.assert_close(u.double().T @ u.double() @ hd, eye, rtol=0, atol=1e-3)  # UᵀU = H⁻¹, float32
     assert torch.equal(u, u.triu())
@@ -122,7 +110,7 @@ def test_rank_deficient_hessian_gives_finite_output():
     h = random_spd_hessian(n, 2, tokens=32)
     eig = torch.linalg.eigvalsh(h.double())
     assert eig[0] < 1e-6 * eig[-1]  # singular up to float32 rounding
-    _, u, lam = damped_factors(h, 0.01)
+    u, lam = damped_factors(h, 0.01)
     assert lam >= 0.01
     w = lowrank_plus_noise(32, n, 4, 3)
     qt = ldlq(w, u, QuantConfig(2, 64))
@@ -132,13 +120,13 @@ def test_rank_deficient_hessian_gives_finite_output():
 
 def test_negative_eigenvalue_raises_damping():
     n = 128
-    h = random_spd_hessian(n, 3).double()
+    h = random_spd_hessian(n, 3).double() + torch.eye(n, dtype=torch.float64)  # diagonal floor: stays positive
     eig, vec = torch.linalg.eigh(h)
-    # push the smallest eigenvalue to -0.05 · mean diagonal: 1% damping is not enough, 10% is
-    target = -0.05 * h.diagonal().mean()
+    # push the smallest eigenvalue to -0.02 · mean diagonal: 1% damping is not enough, 10% is
+    target = -0.02 * h.diagonal().mean()
     h = (h + (target - eig[0]) * torch.outer(vec[:, 0], vec[:, 0])).float()
-    assert torch.linalg.eigvalsh(h.double())[0] < 0
-    _, u, lam = damped_factors(h, 0.01)
+    assert torch.linalg.eigvalsh(h.double())[0] < 0 and (h.diagonal() > 0).all()
+    u, lam = damped_factors(h, 0.01)
     assert lam > 0.01
     w = lowrank_plus_noise(32, n, 4, 4)
     assert torch.isfinite(ldlq(w, u, QuantConfig(2, 64)).dequantize()).all()
@@ -152,7 +140,7 @@ def test_non_finite_hessian_raises(bad):
     h = random_spd_hessian(64, 4)
     h[5, 7] = h[7, 5] = bad
     with pytest.raises(HessianError, match="NaN or Inf"):
-        check_hessian(h, 64)
+        check_hessian(h)
     w = lowrank_plus_noise(16, 64, 4, 5)
     with pytest.raises(HessianError, match="NaN or Inf"):
         decompose(w, h, DecomposeConfig.for_method("gptq", bq=4))
@@ -174,30 +162,19 @@ def test_wildly_indefinite_hessian_raises():
         decompose(w, h, DecomposeConfig.for_method("gptq", bq=4))
 
 
-NEGATIVE_DIAGONAL_BUG = (
-    "BUG damp(): negative diagonal entries are treated like dead (zero) inputs and set to 1, so an H that is not "
-    "positive semi-definite is silently replaced and act_err against it comes out as 0.0"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NEGATIVE_DIAGONAL_BUG)
 def test_negative_diagonal_raises():
     h = -random_spd_hessian(64, 6)  # E[x xᵀ] can never have a negative diagonal
     with pytest.raises(HessianError):
         damped_factors(h, 0.01)
+    with pytest.raises(HessianError, match="negative diagonal"):
+        check_hessian(h)
 
 
-@pytest.mark.xfail(strict=True, reason=NEGATIVE_DIAGONAL_BUG)
 def test_wildly_indefinite_hessian_raises_with_incoherence():
     """Incoherence spreads the huge off-diagonal onto the diagonal: half of diag(U H Uᵀ) is negative."""
     w = lowrank_plus_noise(16, 64, 4, 6)
     with pytest.raises(HessianError, match="not positive definite"):
         decompose(w, wildly_indefinite(64, 5), DecomposeConfig.for_method("ldlq-had", bq=4))
-
-
-def test_wrong_shape_raises():
-    with pytest.raises(HessianError, match=r"shape \(64, 63\)"):
-        check_hessian(torch.eye(64, 63), 64)
 
 
 def test_random_hessian_helper():
