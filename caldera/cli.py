@@ -57,7 +57,7 @@ def bench_decompose(
     ),
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     iters: Annotated[int | None, typer.Option(help="CALDERA rounds (default: the config's).")] = None,
-    randomized_svd: Annotated[bool, typer.Option(help="Randomized SVD for the low-rank step.")] = False,
+    randomized_svd: Annotated[bool, typer.Option(" /--exact-svd", help="Exact SVD in the low-rank step.")] = True,
     seed: int = 0,
     json_out: JsonOpt = False,
 ) -> None:
