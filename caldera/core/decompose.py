@@ -102,11 +102,13 @@ def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> 
     start = time.perf_counter()
     wf = w.float()
     m, n = wf.shape
-    hf = torch.eye(n, device=w.device) if h is None else h.to(w.device, torch.float32)
+    h = torch.eye(n, device=w.device) if h is None else h
     u_out = u_in = None
     if cfg.incoherence:
         u_out, u_in = transforms_for(m, n, cfg.seed)
-        wf, hf = transform_weight(wf, u_out, u_in), transform_hessian(hf, u_in)
+        wf, hf = transform_weight(wf, u_out, u_in), transform_hessian(h, u_in, w.device)
+    else:
+        hf = h.to(w.device, torch.float32)
     if cfg.method is Method.RTN:
         q, lam = quantize(wf, cfg.q_quant()), 0.0
         err = act_err(wf, q.dequantize(), hf)
