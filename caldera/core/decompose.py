@@ -35,7 +35,7 @@ class Decomposition:
     u_in: IncoherenceTransform | None
     act_err: float  # sqrt(tr(Δ H Δᵀ) / tr(W H Wᵀ)) of the kept iterate
     fro_err: float
-    history: list[float]  # act_err after each round: non-increasing, last == act_err
+    history: list[float]  # act_err of every round; act_err is their minimum
     seconds: float
     damping: float  # damping actually used (raised if H was not positive definite)
 
@@ -122,35 +122,26 @@ def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> 
 
 
 def _alternate(w: torch.Tensor, h: torch.Tensor, cfg: DecomposeConfig):
-    """Block coordinate descent on the activation-aware error: (best (Q, L, R, err), history, damping).
+    """Rounds of Q = LDLQ(W - LR), then (L, R) = lowrank(W - Q): (best (Q, L, R, err), history, damping).
 
-    Each round proposes Q = LDLQ(W - LR), then (L, R) = lowrank(W - Q); a proposal is kept only if it
-    lowers the error, so ``history`` (the error after each round) never increases. Rounds stop early
-    when neither step improves.
+    ``history`` holds every round's activation-aware error; the best round is kept (plain alternation
+    is not monotone: a later round may be worse, and a later one better again).
     """
     u, lam = damped_factors(h, cfg.damping)
     shift = damping_shift(h, lam)
     gen = torch.Generator().manual_seed(cfg.seed)
-    q = left = right = None
+    best, history = None, []
     lr = torch.zeros_like(w)
-    err, history = float("inf"), []
     for _ in range(cfg.iters if cfg.rank else 1):
-        improved = False
-        q_new = ldlq(w - lr, u, cfg.q_quant(), cfg.block_size)
-        qd = q_new.dequantize()
-        e = act_err(w, qd + lr, h)
-        if e < err:
-            q, err, improved = q_new, e, True
+        q = ldlq(w - lr, u, cfg.q_quant(), cfg.block_size)
         qd = q.dequantize()
+        left = right = None
         if cfg.rank:
-            l_new, r_new, _ = quantized_lowrank(
+            left, right, _ = quantized_lowrank(
                 w - qd, h, shift, u, cfg.rank, cfg.l_quant(), cfg.r_quant(), cfg.lr_iters, cfg.randomized_svd, gen
             )
-            lr_new = l_new.dequantize() @ r_new.dequantize()
-            e = act_err(w, qd + lr_new, h)
-            if e < err:
-                left, right, lr, err, improved = l_new, r_new, lr_new, e, True
-        history.append(err)
-        if not improved:
-            break
-    return (q, left, right, err), history, lam
+            lr = left.dequantize() @ right.dequantize()
+        history.append(act_err(w, qd + lr, h))
+        if best is None or history[-1] < best[3]:
+            best = (q, left, right, history[-1])
+    return best, history, lam

@@ -72,9 +72,9 @@ def test_reported_errors(problem, caldera_dec):
     """act_err is the best round's; dense() reproduces it against the original W and H."""
     w, h = problem
     dec = caldera_dec
-    assert 1 <= len(dec.history) <= CALDERA.iters  # rounds stop once neither step improves
-    assert all(b <= a for a, b in zip(dec.history, dec.history[1:], strict=False))  # never increases
-    assert dec.act_err == dec.history[-1] == min(dec.history)
+    assert len(dec.history) == CALDERA.iters
+    assert dec.act_err == min(dec.history)  # the kept iterate is the best round
+    assert dec.history[-1] < dec.history[0]  # alternating helps over the first (Q then L·R) round
     assert act_err(w, dec.dense(), h) == pytest.approx(dec.act_err, abs=1e-4, rel=1e-4)
     assert ref.act_err(w.numpy(), dec.dense().numpy(), h.numpy()) == pytest.approx(dec.act_err, abs=1e-4, rel=1e-4)
     assert fro_err(w, dec.dense()) == pytest.approx(dec.fro_err, abs=1e-4, rel=1e-4)
