@@ -44,22 +44,13 @@ def correlated_inputs(
     return (math.sqrt(1 - correlation) * e + math.sqrt(correlation) * (f @ p)) * d
 
 
-def random_spd_hessian(
-    n: int,
-    seed: int,
-    *,
-    tokens: int | None = None,
-    outliers: int | None = None,
-    correlation: float = 0.5,
-    outlier_scale: float = OUTLIER_SCALE,
-) -> torch.Tensor:
-    """H = XᵀX / N (n, n) float32 from ``correlated_inputs`` (same arguments).
+def random_spd_hessian(n: int, seed: int, **inputs) -> torch.Tensor:
+    """H = XᵀX / N (n, n) float32 for X = ``correlated_inputs(n, seed, **inputs)``.
 
     Positive definite when tokens >= n (the default is 4n); fewer tokens give a rank-deficient H.
+    For real layer widths (up to 29568), where XᵀX is too slow, see ``caldera.testing.synthetic``.
     """
-    x = correlated_inputs(
-        n, seed, tokens=tokens, outliers=outliers, correlation=correlation, outlier_scale=outlier_scale
-    )
+    x = correlated_inputs(n, seed, **inputs)
     h = x.T @ x / x.shape[0]
     return ((h + h.T) / 2).float()
 
