@@ -21,9 +21,6 @@ from caldera.core.lowrank import quantized_lowrank
 from caldera.core.metrics import act_err, fro_err
 from caldera.core.quantize import QuantizedTensor, quantize
 
-SIGN_BYTES_PER_DIM = 1 / 8  # incoherence signs are stored one bit each
-
-
 @dataclasses.dataclass
 class Decomposition:
     """Q (m, n), optional L (m, k) and R (k, n), all in the transformed domain when u_out/u_in are set."""
@@ -65,7 +62,7 @@ class Decomposition:
         if self.l is not None:
             n += self.l.nbytes() + self.r.nbytes()
         if self.u_in is not None:
-            n += int(-(-(self.u_out.n + self.u_in.n) * SIGN_BYTES_PER_DIM // 1))
+            n += -(-self.u_out.n // 8) + -(-self.u_in.n // 8)  # one sign bit per dimension, per side
         return n
 
     def bits_per_weight(self) -> float:
