@@ -1,0 +1,82 @@
+"""Tiny random Llama and Qwen2 folders (config.json, safetensors, tokenizer) for pipeline tests.
+
+Dimensions are small but not all powers of two: hidden 64, intermediate 160, 2 layers, 4 heads of 16
+with 2 KV heads (so k_proj and v_proj are 32 × 64). The tokenizer is byte-level with no merges, built
+in-process with the ``tokenizers`` library: every UTF-8 byte is one token, plus BOS/EOS/PAD.
+Weights are drawn under ``torch.random.fork_rng``: the caller's global RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+HIDDEN = 64
+INTERMEDIATE = 160
+LAYERS = 2
+HEADS = 4
+KV_HEADS = 2
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
+
+
+def tiny_tokenizer(path: Path | str):
+    """Byte-level tokenizer (256 byte tokens + BOS/EOS/PAD), saved into ``path``; returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for the bytes
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({tok: len(alphabet) + i for i, tok in enumerate(SPECIAL_TOKENS)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def _save(config, path: Path | str, seed: int) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer(path)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+def _dims(**overrides) -> dict:
+    dims = {
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }
+    return dims | overrides
+
+
+def tiny_llama(path: Path | str, seed: int = 0, **overrides) -> Path:
+    """A random LlamaForCausalLM folder at ``path`` (created); ``overrides`` change config fields."""
+    from transformers import LlamaConfig
+
+    return _save(LlamaConfig(**_dims(**overrides)), path, seed)
+
+
+def tiny_qwen2(path: Path | str, seed: int = 0, **overrides) -> Path:
+    """A random Qwen2ForCausalLM folder at ``path`` (created; q/k/v carry biases as in Qwen2)."""
+    from transformers import Qwen2Config
+
+    return _save(Qwen2Config(**_dims(**overrides)), path, seed)
