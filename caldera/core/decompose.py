@@ -21,6 +21,7 @@ from caldera.core.lowrank import quantized_lowrank
 from caldera.core.metrics import act_err, fro_err
 from caldera.core.quantize import QuantizedTensor, quantize
 
+
 @dataclasses.dataclass
 class Decomposition:
     """Q (m, n), optional L (m, k) and R (k, n), all in the transformed domain when u_out/u_in are set."""
@@ -103,7 +104,7 @@ def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> 
     u_out = u_in = None
     if cfg.incoherence:
         u_out, u_in = transforms_for(m, n, cfg.seed)
-        wf, hf = transform_weight(wf, u_out, u_in), transform_hessian(h, u_in, w.device)
+        wf, hf = transform_weight(wf, u_out, u_in), transform_hessian(h, u_in, w.device, torch.float32)
     else:
         hf = h.to(w.device, torch.float32)
     if cfg.method is Method.RTN:

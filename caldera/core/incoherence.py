@@ -97,16 +97,20 @@ def restore_weight(w: torch.Tensor, u_out: IncoherenceTransform, u_in: Incoheren
 
 
 def transform_hessian(
-    h: torch.Tensor, u_in: IncoherenceTransform, device: torch.device | str | None = None, chunk: int = 2048
+    h: torch.Tensor,
+    u_in: IncoherenceTransform,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    chunk: int = 2048,
 ) -> torch.Tensor:
-    """H (n, n) -> U_in H U_inᵀ, at least float32, on ``device`` (default: h's).
+    """H (n, n) -> U_in H U_inᵀ on ``device`` (default: h's) in ``dtype`` (default: h's, at least float32).
 
     Works through ``chunk`` rows at a time, so h may stay on the host and at most two (n, n) buffers
     exist on the device (29568² float32 is 3.5 GB).
     """
     n = h.shape[0]
     device = h.device if device is None else torch.device(device)
-    dtype = torch.promote_types(h.dtype, torch.float32)
+    dtype = torch.promote_types(h.dtype, torch.float32) if dtype is None else dtype
     half = torch.empty(n, n, device=device, dtype=dtype)  # H U_inᵀ
     for i in range(0, n, chunk):
         half[i : i + chunk] = u_in.forward(h[i : i + chunk].to(device, dtype))

@@ -1,8 +1,9 @@
 """Calibration token windows: documents -> (samples, seq_len) token ids, deterministic.
 
-The documents are tokenized in order (no special tokens added), joined with the tokenizer's EOS token
-between consecutive documents, and cut into consecutive, disjoint windows of ``seq_len`` tokens from the
-start. Tokenization stops as soon as enough tokens are there, so a large corpus costs no more than it needs.
+The documents are tokenized in order (no special tokens added) and joined with the tokenizer's EOS token
+between consecutive documents; the stream is cut into disjoint windows of ``seq_len`` tokens, and
+``samples`` of them are taken evenly spaced over the whole stream, so every part of the corpus is seen
+(the first windows alone would come from one or two articles).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
 def calibration_windows(
     tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], samples: int, seq_len: int
 ) -> torch.Tensor:
-    """Token ids (samples, seq_len) int64: consecutive windows of the EOS-joined documents.
+    """Token ids (samples, seq_len) int64: evenly spaced disjoint windows of the EOS-joined documents.
 
     Raises CalibrationError if ``samples`` or ``seq_len`` is not positive, or if all documents together
     hold fewer than samples × seq_len tokens.
@@ -44,14 +45,14 @@ def calibration_windows(
         if i:
             ids.append(eos)
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if len(ids) >= needed:
-            break
     if len(ids) < needed:
         raise CalibrationError(
             f"calibration text holds {len(ids)} tokens, but {samples} samples × {seq_len} tokens need {needed}; "
             "use fewer samples, shorter windows or more text"
         )
-    return torch.tensor(ids[:needed], dtype=torch.int64).view(samples, seq_len)
+    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len], dtype=torch.int64).view(-1, seq_len)
+    pick = torch.arange(samples, dtype=torch.int64) * len(windows) // samples
+    return windows[pick]
 
 
 def default_calibration_texts() -> list[str]:

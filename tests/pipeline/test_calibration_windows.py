@@ -1,4 +1,4 @@
-"""Calibration windows: EOS-joined documents cut into consecutive, disjoint windows; clear errors."""
+"""Calibration windows: EOS-joined documents cut into disjoint windows spread over the corpus; clear errors."""
 
 import pytest
 import torch
@@ -21,23 +21,23 @@ def _joined(tokenizer, docs):
     return ids
 
 
-def test_windows_are_consecutive_slices_of_the_eos_joined_documents(tokenizer):
+def test_windows_are_slices_of_the_eos_joined_documents(tokenizer):
     ids = _joined(tokenizer, DOCS)
-    windows = calibration_windows(tokenizer, DOCS, samples=3, seq_len=25)
-    assert windows.shape == (3, 25) and windows.dtype == torch.int64
-    assert windows.flatten().tolist() == ids[:75]
-    assert (windows == tokenizer.eos_token_id).sum() == 2  # one between each pair of documents, none added
-    assert torch.equal(windows, calibration_windows(tokenizer, DOCS, samples=3, seq_len=25))  # deterministic
+    windows = calibration_windows(tokenizer, DOCS, samples=3, seq_len=len(ids) // 3)
+    assert windows.shape == (3, len(ids) // 3) and windows.dtype == torch.int64
+    assert windows.flatten().tolist() == ids[: 3 * (len(ids) // 3)]  # all windows taken: the whole stream
+    assert torch.equal(windows, calibration_windows(tokenizer, DOCS, samples=3, seq_len=len(ids) // 3))
 
 
-def test_tokenization_stops_once_enough_tokens_are_there(tokenizer):
-    def docs():
-        yield DOCS[0]
-        yield DOCS[1]
-        raise AssertionError("a third document was read although two were enough")
-
-    need = len(_joined(tokenizer, DOCS[:2]))
-    assert calibration_windows(tokenizer, docs(), samples=1, seq_len=need).shape == (1, need)
+def test_windows_are_spread_over_the_whole_corpus(tokenizer):
+    """Fewer samples than windows: evenly spaced, disjoint, the last documents included."""
+    ids = _joined(tokenizer, DOCS * 4)
+    seq = 8
+    windows = calibration_windows(tokenizer, DOCS * 4, samples=3, seq_len=seq)
+    total = len(ids) // seq
+    starts = [i * total // 3 * seq for i in range(3)]
+    assert windows.tolist() == [ids[s : s + seq] for s in starts]
+    assert starts[-1] >= len(ids) // 2  # the second half of the corpus is sampled too
 
 
 def test_too_little_text_says_how_many_tokens(tokenizer):
