@@ -15,7 +15,6 @@ exists is not accumulated again (resume); the forward still passes through it wh
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import importlib
 import math
@@ -61,6 +60,10 @@ ARCHITECTURES: dict[str, Architecture] = {
 EMBED = "model.embed_tokens.weight"
 
 
+class CalibrateError(ValueError):
+    """The token ids, layers or batch size cannot be calibrated with (one line)."""
+
+
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
@@ -80,9 +83,9 @@ class CalibrationSpec:
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seq_len < 1:
-            raise ValueError(f"samples={self.samples} and seq_len={self.seq_len} must both be >= 1")
+            raise CalibrateError(f"samples={self.samples} and seq_len={self.seq_len} must both be >= 1")
         if self.version != CALIBRATION_VERSION:
-            raise ValueError(f"calibration spec version {self.version} is not supported")
+            raise CalibrateError(f"calibration spec version {self.version} is not supported")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -309,13 +312,13 @@ def calibrate(
 
 def _check_args(input_ids: torch.Tensor, layers: list[int], num_layers: int, vocab: int, batch_size: int) -> None:
     if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32) or 0 in input_ids.shape:
-        raise ValueError(f"input_ids must be non-empty integer token ids (samples, seq_len), not {input_ids.shape}")
+        raise CalibrateError(f"input_ids must be non-empty integer token ids (samples, seq_len), not {input_ids.shape}")
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-        raise ValueError(f"token ids must lie in 0..{vocab - 1} (the model's vocabulary)")
+        raise CalibrateError(f"token ids must lie in 0..{vocab - 1} (the model's vocabulary)")
     if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise ValueError(f"layers {layers} are not a non-empty subset of 0..{num_layers - 1}")
+        raise CalibrateError(f"layers {layers} are not a non-empty subset of 0..{num_layers - 1}")
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise CalibrateError(f"batch_size={batch_size} must be >= 1")
 
 
 def _embed(stream: LayerStream, input_ids: torch.Tensor, acts: ActivationStore, batch_size: int) -> None:
@@ -336,7 +339,6 @@ def _run_layers(stream, acts, todo, run: RunDir, batch_size, device, on_layer) -
         if stats:
             tokens = {s.tokens for s in stats.values()}.pop()
             run.save_hessians(i, {g: s.hessian() for g, s in stats.items()}, tokens)
-        del layer, stats, handles
-        gc.collect()  # one layer alive at a time
+        del layer, stats, handles  # freed here (no reference cycles): one layer alive at a time
         if on_layer is not None:
             on_layer(i, i in todo)
