@@ -9,9 +9,10 @@ to min(m, n); ``rank_clamps`` names them before the work starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import statistics
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -104,6 +105,42 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def decompose_layer(
+    layer: int,
+    weights: Mapping[str, torch.Tensor],
+    hessian_of: Callable[[str], torch.Tensor],
+    cfg: DecomposeConfig,
+    device: torch.device | str = "cpu",
+    *,
+    keep: bool = False,
+    on_matrix: Callable[[int, str, MatrixResult], None] | None = None,
+) -> LayerResult:
+    """Decompose the projections of one layer: ``weights`` {proj: W (m, n)}, ``hessian_of(proj)`` -> H (n, n).
+
+    Every matrix uses its own seed and clamped rank; ``on_matrix`` is called after each matrix; ``keep``
+    keeps each Decomposition in its MatrixResult.
+    """
+    device = torch.device(device)
+    results = {}
+    for proj in PROJECTIONS:
+        w = weights[proj].detach()  # (m, n)
+        rank = clamped_rank(cfg.rank, tuple(w.shape))
+        mcfg = dataclasses.replace(cfg, rank=rank, seed=projection_seed(cfg.seed, layer, proj))
+        dec = decompose(w.to(device, torch.float32), hessian_of(proj).float(), mcfg)  # H stays on the CPU
+        results[proj] = MatrixResult(
+            dec.act_err, dec.fro_err, dec.bits_per_weight(), dec.seconds, dec.rank, w.numel(), dec if keep else None
+        )
+        if on_matrix is not None:
+            on_matrix(layer, proj, results[proj])
+    return LayerResult(layer, results)
+
+
+def layer_weights(model: nn.Module, layer: int) -> dict[str, torch.Tensor]:
+    """{proj: weight (m, n)} of one decoder layer of an in-memory model."""
+    module = decoder_layers(model)[layer]
+    return {proj: module.get_submodule(PROJ_PATH[proj]).weight.detach() for proj in PROJECTIONS}
+
+
 def decompose_layers(
     model: nn.Module,
     hessians: Hessians,
@@ -114,23 +151,10 @@ def decompose_layers(
     keep: bool = False,
     on_matrix: Callable[[int, str, MatrixResult], None] | None = None,
 ) -> Iterator[LayerResult]:
-    """Yield one LayerResult per layer, in order. ``on_matrix`` is called after each matrix;
-    ``keep`` keeps each Decomposition in its MatrixResult."""
-    device = torch.device(device)
-    modules = decoder_layers(model)
+    """Yield one LayerResult per layer of an in-memory model, in order (see ``decompose_layer``)."""
     for i in layers:
-        results = {}
-        for proj in PROJECTIONS:
-            w = modules[i].get_submodule(PROJ_PATH[proj]).weight.detach()  # (m, n)
-            rank = clamped_rank(cfg.rank, tuple(w.shape))
-            mcfg = dataclasses.replace(cfg, rank=rank, seed=projection_seed(cfg.seed, i, proj))
-            dec = decompose(w.to(device, torch.float32), hessians.of(i, proj).float(), mcfg)  # H stays on the CPU
-            results[proj] = MatrixResult(
-                dec.act_err, dec.fro_err, dec.bits_per_weight(), dec.seconds, dec.rank, w.numel(), dec if keep else None
-            )
-            if on_matrix is not None:
-                on_matrix(i, proj, results[proj])
-        yield LayerResult(i, results)
+        hessian_of = functools.partial(hessians.of, i)
+        yield decompose_layer(i, layer_weights(model, i), hessian_of, cfg, device, keep=keep, on_matrix=on_matrix)
 
 
 def summarize(results: list[LayerResult], seconds: float) -> dict:

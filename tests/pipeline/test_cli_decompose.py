@@ -13,6 +13,12 @@ runner = CliRunner()
 FAST = ["--samples", "4", "--seq-len", "32", "--iters", "2", "--rank", "16"]
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """Without --run, decompose writes a run directory under the cache: a fresh one per test."""
+    monkeypatch.setenv("CALDERA_CACHE", str(tmp_path / "cache"))
+
+
 def _invoke(*args):
     return runner.invoke(app, ["decompose", *args])
 
@@ -21,7 +27,7 @@ def _lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
 
 
-def test_json_lines_one_per_layer_then_summary(llama_dir):
+def test_json_lines_one_per_layer_then_summary(llama_dir, tmp_path):
     result = _invoke("--model", str(llama_dir), *FAST, "--json")  # default calibration corpus
     assert result.exit_code == 0, result.output
     lines = _lines(result.stdout)
@@ -32,7 +38,8 @@ def test_json_lines_one_per_layer_then_summary(llama_dir):
             assert set(r) == {"act_err", "fro_err", "bits_per_weight", "seconds", "rank"}
             assert math.isfinite(r["act_err"]) and 0 < r["act_err"] < 1 and r["rank"] == 16
     summary = lines[-1]["summary"]
-    assert set(summary) == {"layers", "bits_per_weight", "seconds", "act_err_median"} and summary["layers"] == 2
+    assert set(summary) == {"layers", "bits_per_weight", "seconds", "act_err_median", "run"} and summary["layers"] == 2
+    assert summary["run"].startswith(str(tmp_path / "cache" / "runs" / "llama-"))
     assert 0 < summary["act_err_median"] < 1 and summary["bits_per_weight"] > 2
     assert "━" not in result.stderr  # no progress bar with --json
 
