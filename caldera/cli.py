@@ -325,6 +325,8 @@ def calibrate(
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer input Hessians (float64), streaming the model one decoder layer at a time from its shards."""
+    import time
+
     from caldera.config import ConfigError
     from caldera.io.calibration import CalibrationError, calibration_windows, default_calibration_texts
     from caldera.io.corpus import CorpusError, load_text_files
@@ -336,6 +338,7 @@ def calibrate(
     from caldera.pipeline.calibrate import calibrate as stream_hessians
     from caldera.pipeline.decompose_model import parse_layers, resolve_device
 
+    start = time.perf_counter()
     errors = (ConfigError, CalibrationError, CorpusError, DefaultModelMissing, ModelFolderError, RunDirError)
     try:
         folder = model if model is not None else default_model_dir()
@@ -355,20 +358,21 @@ def calibrate(
             )
         with _progress(json_out) as progress:
             task = progress.add_task("layers", total=max(todo) + 1 if todo else 0)
-            result = stream_hessians(
-                folder, ids, rundir, layers=selected, device=dev, data=source,
-                on_layer=lambda *_: progress.advance(task),
-            )  # fmt: skip
+
+            def on_layer(*_) -> None:
+                progress.advance(task)
+
+            result = stream_hessians(folder, ids, rundir, layers=selected, device=dev, data=source, on_layer=on_layer)
     except (*errors, CalibrateError, ShardError, FileExistsError) as e:
         fail(str(e))
     summary = {"run": str(run), "layers": len(result.layers), "tokens": result.tokens}
-    summary |= {"hessian_bytes": result.hessian_bytes, "seconds": result.seconds}
+    summary |= {"hessian_bytes": result.hessian_bytes, "seconds": time.perf_counter() - start}
     if json_out:
         emit(summary)
     else:
         err_console.print(
             f"{summary['layers']} layers ({len(result.computed)} computed), {result.tokens} tokens each, "
-            f"{result.hessian_bytes / 2**20:.1f} MiB of Hessians in {run}, {result.seconds:.1f} s",
+            f"{result.hessian_bytes / 2**20:.1f} MiB of Hessians in {run}, {summary['seconds']:.1f} s",
             highlight=False,
             soft_wrap=True,
         )

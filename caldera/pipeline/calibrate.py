@@ -293,11 +293,9 @@ def calibrate(
     todo = [i for i in layers if not run.has_hessians(i)]
     stream.check(range(max(todo) + 1) if todo else [])
     samples, seq_len = input_ids.shape
-    spec = CalibrationSpec(
-        samples, seq_len, data, str(stream.folder.resolve()), sha256_file(stream.folder / "config.json"),
-        _sha256_ids(input_ids),
-    )  # fmt: skip
-    run.ensure_spec("calibration", spec.to_dict())
+    model, config_sha256 = str(stream.folder.resolve()), sha256_file(stream.folder / "config.json")
+    spec = CalibrationSpec(samples, seq_len, data, model, config_sha256, _sha256_ids(input_ids))
+    run.ensure_spec("calibration", spec.to_dict())  # a resumed run must use the same model and tokens
     spilled = False
     if todo:
         shape = (samples, seq_len, stream.config.hidden_size)
