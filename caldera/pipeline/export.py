@@ -74,7 +74,7 @@ class ExportSummary:
     path: str
     files: int  # including manifest.json
     bytes: int  # of every file
-    bits_per_weight: float  # of the linears: every stored byte of their tensors and shared blocks, × 8 / weights
+    bits_per_weight: float  # of the linears: 8 × bytes of all their tensors (bias too) and shared blocks / weights
     linear_bytes: int
     linear_weights: int
     layers: int
@@ -240,6 +240,12 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
     )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _is_linear(name: str) -> bool:
     """A tensor of a packed linear (q/l/r parts, signs, bias): ``model.layers.<i>.<path>.<part>``."""
     return any(f".{path}." in name for path in PROJ_PATH.values())
@@ -264,6 +270,7 @@ def export(run_dir: Path | str, out: Path | str, *, embed_bits: int = 16, layers
         raise ExportError(f"cannot create {out}: {e.strerror or e}") from None
     try:
         summary = _build(tmp, run, spec, folder, config, embed_bits, layers_per_shard)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private
         os.rename(tmp, out)
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None

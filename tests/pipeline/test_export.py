@@ -1,6 +1,7 @@
 """`caldera export`: an HF-style folder of packed linears that reads back to the run's decompositions."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -112,6 +113,9 @@ def test_folder_config_index_tokenizer_and_fp16_tensors(exported, qwen2_dir):
     assert summary["path"] == str(out) and summary["files"] == len(list(out.iterdir()))
     assert summary["bytes"] == sum(p.stat().st_size for p in out.iterdir())
     assert 4 < summary["bits_per_weight"] < 8 and summary["shards"] == 3 and summary["layers"] == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the temporary folder's private mode
 
 
 def test_bits_per_weight_counts_every_stored_byte_of_the_linears(exported):
