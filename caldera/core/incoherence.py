@@ -60,12 +60,13 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
 class IncoherenceTransform:
     """U = (B ⊗ H) diag(s) of size n, from a seed. ``forward`` maps rows x -> x Uᵀ, ``inverse`` x -> x U."""
 
-    def __init__(self, n: int, seed: int, signs: torch.Tensor | None = None) -> None:
+    def __init__(self, n: int, seed: int, signs: torch.Tensor | None = None, block: torch.Tensor | None = None) -> None:
+        """Signs and block from the seed, or as given (e.g. read back from a packed file)."""
         self.n = n
         self.seed = seed
         self.p2, self.q = split_pow2(n)
         self.signs = random_signs(n, seed) if signs is None else signs.double().cpu()
-        self.block = orthogonal_block(self.q)
+        self.block = orthogonal_block(self.q) if block is None else block.double().cpu()
 
     def _mix(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         if self.q == 1:

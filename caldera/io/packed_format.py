@@ -16,7 +16,7 @@ import torch
 
 from caldera.config import SUPPORTED_BITS
 from caldera.core.decompose import Decomposition
-from caldera.core.incoherence import fwht, split_pow2
+from caldera.core.incoherence import IncoherenceTransform, restore_weight, split_pow2
 from caldera.core.quantize import QuantizedTensor, num_groups
 from caldera.io.packing import pack_codes, pack_signs, packed_cols, unpack_codes, unpack_signs
 
@@ -248,15 +248,6 @@ def read_linear(tensors: Mapping[str, torch.Tensor], prefix: str, meta: Mapping[
 # --- the linear as read ----------------------------------------------------------------------------------------
 
 
-def _inverse_rows(x: torch.Tensor, signs: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:
-    """x (..., n) -> x U for U = (B ⊗ H_{2^p}) diag(s), index i = a·2^p + b (a over q, b over 2^p)."""
-    p2, q = split_pow2(x.shape[-1])
-    y = x.reshape(*x.shape[:-1], q, p2)
-    if block is not None:
-        y = torch.einsum("ij,...jk->...ik", block.T.to(x.dtype), y)  # row (a', ·) = Σ_a B[a, a'] row (a, ·)
-    return fwht(y).reshape(x.shape) * signs.to(x.dtype)
-
-
 @dataclasses.dataclass
 class PackedLinear:
     """A linear as stored: Q, L, R (codes unpacked) in the transformed domain, signs and blocks of U_out, U_in."""
@@ -288,8 +279,10 @@ class PackedLinear:
         w = self.transformed_weight()
         if self.signs_in is None:
             return w
-        w = _inverse_rows(w, self.signs_in, self.block_in)  # W̃ U_in
-        return _inverse_rows(w.T, self.signs_out, self.block_out).T  # U_outᵀ W̃ U_in
+        m, n = w.shape
+        u_out = IncoherenceTransform(m, 0, self.signs_out, self.block_out)  # the stored signs and blocks
+        u_in = IncoherenceTransform(n, 0, self.signs_in, self.block_in)
+        return restore_weight(w, u_out, u_in)  # U_outᵀ W̃ U_in
 
     def nbytes(self) -> int:
         """Bytes of this linear's own tensors: codes, scales, zeros, L, R, sign bits (not bias, not shared blocks)."""
