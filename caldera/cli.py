@@ -140,7 +140,6 @@ def decompose(
     from caldera.io.run_dir import RunDirError
     from caldera.io.shards import ShardError
     from caldera.pipeline.calibrate import CalibrateError
-    from caldera.pipeline.run_decompose import run_lock
 
     errors = (ConfigError, HessianError, CalibrationError, CorpusError, ModelFolderError, DefaultModelMissing)
     errors += (RunDirError, ShardError, CalibrateError, FileExistsError)  # FileExistsError: half a default model
@@ -150,7 +149,7 @@ def decompose(
             method, bq=bq, bl=bl, br=br, rank=rank, group_size=group_size, iters=iters, seed=seed
         )
         job = _decompose_open(model, run, layers, device, cfg, {"samples": samples, "seq_len": seq_len, "calib": calib})
-        with run_lock(job.run):
+        with job.run.lock():
             job.run.ensure_spec("decompose", job.spec)  # a resumed run must have the same settings
             _decompose_calibrate(job, samples, seq_len, calib, json_out)
             _decompose_layers(job, cfg, json_out, results)
@@ -194,7 +193,7 @@ def _decompose_open(model_dir, run_dir, layers_spec, device, cfg, calibration: d
     config = read_model_config(folder)
     selected = parse_layers(layers_spec, config["num_hidden_layers"])
     dev, reader = resolve_device(device), ShardReader(folder)
-    spec = decompose_spec(folder, reader, config["num_hidden_layers"], cfg)
+    spec = decompose_spec(folder, reader, config["num_hidden_layers"], cfg, dev)
     if run_dir is None:
         calibration = calibration | {"calib": [str(p.resolve()) for p in calibration["calib"] or []]}
         run_dir = default_run_dir(cache_root(), spec, calibration)
@@ -207,14 +206,14 @@ def _decompose_calibrate(job: _DecomposeJob, samples: int, seq_len: int, calib, 
     from caldera.io.corpus import load_text_files
     from caldera.io.model_folder import load_tokenizer
     from caldera.pipeline.calibrate import calibrate as stream_hessians
-    from caldera.pipeline.run_decompose import missing_hessians, remove_stale_temporaries, unfinished_layers
+    from caldera.pipeline.run_decompose import missing_hessians, unfinished_layers
 
     unfinished = sorted(set(job.layers) & set(unfinished_layers(job.run, job.config["num_hidden_layers"])))
     todo, ids = missing_hessians(job.run, unfinished), None  # finished layers need no Hessians
     if todo:  # the text is checked before anything is said
         texts = load_text_files(calib) if calib else default_calibration_texts()
         ids = calibration_windows(load_tokenizer(job.folder), texts, samples, seq_len)  # (samples, seq_len)
-    remove_stale_temporaries(job.run)
+    job.run.remove_stale_files()
     done = len(job.layers) - len(unfinished)
     how = f"calibration {samples} × {seq_len} tokens" if todo else "Hessians from the run"
     _say(
@@ -362,7 +361,9 @@ def calibrate(
             def on_layer(*_) -> None:
                 progress.advance(task)
 
-            result = stream_hessians(folder, ids, rundir, layers=selected, device=dev, data=source, on_layer=on_layer)
+            with rundir.lock():
+                rundir.remove_stale_files()
+                result = stream_hessians(folder, ids, rundir, layers=selected, device=dev, data=source, on_layer=on_layer)
     except (*errors, CalibrateError, ShardError, FileExistsError) as e:
         fail(str(e))
     summary = {"run": str(run), "layers": len(result.layers), "tokens": result.tokens}

@@ -4,16 +4,21 @@
     RUN/hessians/layer_007.safetensors    per-layer input Hessians (float64), one tensor per input group
     RUN/layers/layer_007.safetensors      per-layer packed Q/L/R (docs/FORMAT.md) and metrics
 
+    RUN/activations/activations.*.f32     calibration activations spilled to disk (deleted when done)
+    RUN/.lock                             held (flock) by the one caldera process working on the run
+
 Every file is written atomically (temporary file in the same folder, fsync, rename), so a killed run
-leaves either a whole file or none; ``*.tmp`` leftovers are ignored and removed on the next write.
+leaves either a whole file or none; ``.*.tmp`` and spill leftovers of a killed run are ignored, and
+removed by ``remove_stale_files`` when the next process takes the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +68,35 @@ class RunDir:
 
     def layer_path(self, layer: int) -> Path:
         return self.root / "layers" / f"layer_{layer:03d}.safetensors"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold ``RUN/.lock`` (an advisory flock, released by the kernel if the process dies)."""
+        import fcntl
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            f = open(self.root / ".lock", "w")  # noqa: SIM115 (closed below)
+        except OSError as e:
+            raise RunDirError(f"cannot create {self.root}: {e.strerror or e}") from None
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirError(f"{self.root} is in use by another caldera process") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def remove_stale_files(self) -> int:
+        """Delete what a killed process left (temporaries, spilled activations); call under ``lock``."""
+        stale = [p for d in ("hessians", "layers") for p in (self.root / d).glob(".*.tmp")]
+        stale += (self.root / "activations").glob("activations.*.f32")
+        stale += [p for p in self.root.glob(".*.tmp") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     # run.json -------------------------------------------------------------------------------------
     def read_spec(self) -> dict[str, Any] | None:

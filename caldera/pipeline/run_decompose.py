@@ -1,6 +1,7 @@
 """Resumable decomposition of a model into a run directory, one layer file at a time.
 
-    RUN/run.json "decompose"          DecomposeConfig.to_dict() + model folder, its config.json sha256, rank clamps
+    RUN/run.json "decompose"          DecomposeConfig.to_dict() + model folder, its config.json sha256, rank
+                                      clamps, device type
     RUN/hessians/layer_007...         input Hessians (from ``caldera.pipeline.calibrate``)
     RUN/layers/layer_007.safetensors  packed tensors of the layer's 7 projections (docs/FORMAT.md), prefixes
                                       ``model.layers.7.self_attn.q_proj`` ...; header keys besides the format's:
@@ -12,7 +13,7 @@ A layer file appears only when whole (``atomic_write``), so a run killed at any 
 layer without one. Every layer is decomposed from the weights in the model's shards and the Hessians *as stored
 in the run*, with seeds derived from (seed, layer, projection): a resumed run gives the same tensors, bit for
 bit, as an uninterrupted one on the same device. A layer file whose recorded config differs from run.json is
-an error, never silently reused. One process at a time holds ``RUN/.lock``.
+an error, never silently reused. One process at a time holds ``RUN/.lock`` (``RunDir.lock``).
 
 ``CALDERA_TEST_LAYER_DELAY`` (seconds, float): sleep after each written layer, so that tests can kill a run
 between layers. Not meant for anything else.
@@ -20,7 +21,6 @@ between layers. Not meant for anything else.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -72,10 +72,14 @@ def projection_shapes(reader: ShardReader, num_layers: int) -> dict[tuple[int, s
     return shapes
 
 
-def decompose_spec(folder: Path, reader: ShardReader, num_layers: int, cfg: DecomposeConfig) -> dict[str, Any]:
-    """The run.json "decompose" section: the config, the model (path and config.json sha256) and rank clamps."""
+def decompose_spec(
+    folder: Path, reader: ShardReader, num_layers: int, cfg: DecomposeConfig, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """The run.json "decompose" section: the config, the model (path and config.json sha256), rank clamps, and
+    the device type (cpu, cuda): float rounding differs between devices, so a run stays on one."""
     clamps = rank_clamps(projection_shapes(reader, num_layers), cfg.rank)
     return cfg.to_dict() | {
+        "device": torch.device(device).type,
         "model": str(Path(folder).resolve()),
         "model_config_sha256": hashlib.sha256((Path(folder) / "config.json").read_bytes()).hexdigest(),
         "rank_clamps": {proj: k for proj, (_, k) in sorted(clamps.items())},
@@ -86,31 +90,6 @@ def default_run_dir(cache: Path, spec: dict[str, Any], calibration: dict[str, An
     """``cache/runs/<model folder name>-<8 hex digits of the decompose spec and calibration options>``."""
     key = json.dumps({"decompose": spec, "calibration": calibration}, sort_keys=True)
     return cache / "runs" / f"{Path(spec['model']).name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-
-
-@contextlib.contextmanager
-def run_lock(run: RunDir) -> Iterator[None]:
-    """Hold ``RUN/.lock`` (an advisory flock, released by the kernel if the process dies)."""
-    import fcntl
-
-    run.root.mkdir(parents=True, exist_ok=True)
-    with open(run.root / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirError(f"{run.root} is in use by another caldera process") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def remove_stale_temporaries(run: RunDir) -> int:
-    """Delete ``layers/.*.tmp`` left by a killed run (call under ``run_lock``); returns how many."""
-    stale = list((run.root / "layers").glob(".*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
 
 
 def missing_hessians(run: RunDir, layers: Iterable[int]) -> list[int]:
@@ -216,7 +195,7 @@ def decompose_into_run(
 ) -> Iterator[LayerDone]:
     """For each layer in order: its stored result if its file exists, else decompose it and write the file.
 
-    Needs every layer's Hessians in ``run`` and ``spec`` recorded in run.json (call under ``run_lock``).
+    Needs every layer's Hessians in ``run`` and ``spec`` recorded in run.json (call under ``RunDir.lock``).
     """
     device = torch.device(device)
     delay = float(os.environ.get(LAYER_DELAY_ENV) or 0)

@@ -265,6 +265,25 @@ def test_cli_json_summary_and_resume(models, calib_file, tmp_path):
     assert "(1 already in" in again.stderr and "1 layers (0 computed)" in again.stderr
 
 
+def test_cli_removes_a_killed_runs_leftovers_and_refuses_a_busy_run(models, calib_file, tmp_path):
+    run = RunDir(tmp_path / "run")
+    spill = run.root / "activations" / "activations.k1ll3d.f32"  # what kill -9 during a spilled pass leaves
+    half = run.root / "hessians" / ".layer_000.safetensors.x1y2.tmp"
+    for path in (spill, half):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x01" * 64)
+    args = ["calibrate", "--model", str(models["qwen2-3-shards"]), "--data", str(calib_file)]
+    args += ["--samples", "4", "--seq-len", "32", "--run", str(run.root)]
+    with run.lock():
+        busy = runner.invoke(app, args)
+    assert busy.exit_code == 2 and "is in use by another caldera process" in busy.stderr
+    assert spill.exists() and half.exists(), "files of a run another process holds are not touched"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert not spill.exists() and not half.exists()
+    assert sorted(p.name for p in (run.root / "hessians").iterdir()) == ["layer_000.safetensors", "layer_001.safetensors"]
+
+
 @pytest.mark.parametrize(
     ("breakage", "extra", "needle"),
     [

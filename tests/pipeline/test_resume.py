@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from caldera.cli import app
 from caldera.io.run_dir import RunDir
-from caldera.pipeline.run_decompose import LAYER_DELAY_ENV, format_layers, run_lock
+from caldera.pipeline.run_decompose import LAYER_DELAY_ENV, format_layers
 from caldera.testing.tiny_models import tiny_llama
 
 runner = CliRunner()
@@ -120,6 +120,17 @@ def test_resuming_with_other_settings_is_an_error_naming_the_key(llama4_dir, cal
     assert not RunDir(run).layer_path(1).exists()
 
 
+def test_a_run_started_on_another_device_is_not_resumed_here(llama4_dir, calib_file, tmp_path):
+    run = tmp_path / "run"
+    assert runner.invoke(app, _args(llama4_dir, calib_file, run, "--layers", "0")).exit_code == 0
+    spec = json.loads((run / "run.json").read_text())
+    assert spec["decompose"]["device"] == "cpu"
+    spec["decompose"]["device"] = "cuda"  # as if started on a GPU: its rounding differs from the CPU's
+    (run / "run.json").write_text(json.dumps(spec))
+    result = runner.invoke(app, _args(llama4_dir, calib_file, run, "--layers", "0-1"))
+    assert result.exit_code == 2 and "decompose.device='cuda', not 'cpu'" in result.stderr, result.output
+
+
 def test_a_layer_file_of_another_config_is_never_reused(llama4_dir, calib_file, tmp_path):
     run = tmp_path / "run"
     assert runner.invoke(app, _args(llama4_dir, calib_file, run, "--layers", "0")).exit_code == 0
@@ -151,7 +162,7 @@ def test_stale_temporaries_are_removed_and_a_busy_run_is_refused(llama4_dir, cal
     stale = run.root / "layers" / ".layer_000.safetensors.x1y2.tmp"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a layer")
-    with run_lock(run):
+    with run.lock():
         busy = runner.invoke(app, _args(llama4_dir, calib_file, run.root, "--layers", "0"))
     assert busy.exit_code == 2 and "is in use by another caldera process" in busy.stderr
     result = runner.invoke(app, _args(llama4_dir, calib_file, run.root, "--layers", "0"))
