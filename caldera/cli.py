@@ -363,7 +363,8 @@ def calibrate(
 
             with rundir.lock():
                 rundir.remove_stale_files()
-                result = stream_hessians(folder, ids, rundir, layers=selected, device=dev, data=source, on_layer=on_layer)
+                kw = {"layers": selected, "device": dev, "data": source, "on_layer": on_layer}
+                result = stream_hessians(folder, ids, rundir, **kw)
     except (*errors, CalibrateError, ShardError, FileExistsError) as e:
         fail(str(e))
     summary = {"run": str(run), "layers": len(result.layers), "tokens": result.tokens}
