@@ -8,7 +8,7 @@
 Only one decoder layer's weights are alive at a time; the activations X (S · L · hidden · 4 bytes) stay in
 memory up to ``max_activation_bytes``, else in a memory-mapped file that is mapped one batch at a time.
 The Hessians are those of the original model (every layer sees the original layers' outputs), equal to
-``caldera.pipeline.hessians.collect_hessians`` on the whole model. A layer whose Hessian file already
+``caldera.testing.model_hessians.collect_hessians`` on the whole model. A layer whose Hessian file already
 exists is not accumulated again (resume); the forward still passes through it when a later layer needs it.
 """
 

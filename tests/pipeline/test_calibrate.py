@@ -19,7 +19,7 @@ from caldera.io.run_dir import GROUPS, RunDir, RunDirError
 from caldera.io.shards import ShardError, ShardReader
 from caldera.pipeline import calibrate as calibrate_module
 from caldera.pipeline.calibrate import CalibrateError, calibrate
-from caldera.pipeline.hessians import collect_hessians
+from caldera.testing.model_hessians import collect_hessians
 from caldera.testing.tiny_models import tiny_llama, tiny_qwen2
 
 SAMPLES, SEQ_LEN, BATCH = 10, 24, 4  # batches of 4, 4 and 2

@@ -21,7 +21,7 @@ from caldera.pipeline.decompose_model import (
     resolve_device,
     summarize,
 )
-from caldera.pipeline.hessians import collect_hessians
+from caldera.testing.model_hessians import collect_hessians
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from caldera.io.model_folder import load_model
-from caldera.pipeline.hessians import PROJ_GROUP, PROJ_PATH, InputStats, collect_hessians, decoder_layers
+from caldera.pipeline.hessians import PROJ_GROUP, PROJ_PATH, InputStats, decoder_layers
+from caldera.testing.model_hessians import collect_hessians
 
 SAMPLES, SEQ_LEN = 4, 24
 

@@ -13,7 +13,8 @@ from caldera.io.calibration import calibration_windows
 from caldera.io.corpus import default_split
 from caldera.io.default_model import default_model_dir
 from caldera.io.model_folder import load_model, load_tokenizer
-from caldera.pipeline.hessians import PROJ_PATH, collect_hessians, decoder_layers
+from caldera.pipeline.hessians import PROJ_PATH, decoder_layers
+from caldera.testing.model_hessians import collect_hessians
 
 LAYER = 3
 pytestmark = pytest.mark.slow
