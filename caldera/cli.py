@@ -282,11 +282,11 @@ def _decompose_report(results: list, seconds: float, json_out: bool, run: Path) 
 def export(
     run: Annotated[Path, typer.Option(help="Run directory of a finished caldera decompose.")],
     out: Annotated[Path, typer.Option(help="Model folder to create (must not exist).")],
-    embed_bits: Annotated[int, typer.Option(help="Embeddings, norms and lm_head: 16 (fp16); 8 and 4 to come.")] = 16,
+    embed_bits: Annotated[int, typer.Option(help="Embeddings and lm_head: 16 (fp16), 8 or 4 (packed).")] = 16,
     layers_per_shard: Annotated[int, typer.Option(help="Decoder layers per safetensors shard.")] = 8,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write an HF-style folder: config.json with quantization_config, tokenizer, fp16 embeddings and norms,
+    """Write an HF-style folder: config.json with quantization_config, tokenizer, embeddings and fp16 norms,
     packed linears in safetensors shards with an index, and manifest.json (sha256 and size of every file)."""
     from caldera.io.model_folder import ModelFolderError
     from caldera.io.packed_format import FormatError

@@ -2,7 +2,9 @@
 
     OUT/config.json                         the model's config.json, dtype float16, plus "quantization_config"
     OUT/tokenizer.json, ...                 tokenizer and generation files, copied from the model folder
-    OUT/model-00001-of-0000K.safetensors    embeddings, final norm and lm_head (not stored when tied), fp16
+    OUT/model-00001-of-0000K.safetensors    embeddings, final norm and lm_head (not stored when tied): fp16, or
+                                            with ``embed_bits`` 8 or 4 the embeddings and lm_head as rank-0 packed
+                                            entries (round to nearest, the run's group size; docs/FORMAT.md §7)
     OUT/model-0000k-of-0000K.safetensors    ``layers_per_shard`` decoder layers each: their packed linears
                                             (docs/FORMAT.md: header with the format version and per-linear
                                             metadata, shared incoherence blocks) and their norms in fp16
@@ -31,8 +33,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from caldera.config import DecomposeConfig
+from caldera.core.decompose import decompose
 from caldera.io.model_folder import read_model_config
-from caldera.io.packed_format import FORMAT_VERSION, VERSION_KEY, read_file_metadata, read_linear
+from caldera.io.packed_format import (
+    FORMAT_VERSION,
+    VERSION_KEY,
+    file_metadata,
+    linear_metadata,
+    linear_tensors,
+    read_file_metadata,
+    read_linear,
+)
 from caldera.io.run_dir import RunDir
 from caldera.io.shards import ShardReader
 from caldera.pipeline.decompose_model import PROJECTIONS
@@ -49,7 +61,8 @@ from caldera.pipeline.run_decompose import (
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
 MANIFEST_VERSION = 1
-EMBED_BITS = (16,)  # 8 and 4 (quantized embeddings) are not implemented yet
+EMBED_BITS = (16, 8, 4)  # embeddings and lm_head: fp16, or packed at 8 or 4 bits
+EMBEDDINGS = ("model.embed_tokens", "lm_head")  # module paths of the [vocab, hidden] matrices
 COPIED_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -77,6 +90,10 @@ class ExportSummary:
     bits_per_weight: float  # of the linears: 8 × bytes of all their tensors (bias too) and shared blocks / weights
     linear_bytes: int
     linear_weights: int
+    bits_per_weight_total: float  # 8 × bytes of every stored tensor / parameters of the original model
+    tensor_bytes: int  # of every stored tensor (the index's total_size)
+    parameters: int  # of the original model (a tied lm_head counted once)
+    embed_error: dict[str, float]  # module -> relative Frobenius error of its quantized weight (embed_bits < 16)
     layers: int
     shards: int
     embed_bits: int
@@ -142,12 +159,24 @@ def _layer_tensors(run: RunDir, reader: ShardReader, layer: int) -> tuple[dict[s
     return packed | others, linear_header
 
 
-def _shards(run: RunDir, reader: ShardReader, num_layers: int, per_shard: int, tied: bool) -> Iterator[tuple]:
+def _top_tensors(reader: ShardReader, tied: bool, bits: int, group: int, errors: dict[str, float]) -> tuple:
+    """(tensors, header) of the non-layer tensors: fp16, the embeddings and lm_head packed when ``bits`` < 16."""
+    names = [n for n in reader.names() if not n.startswith("model.layers.") and not (tied and n == "lm_head.weight")]
+    packed = {f"{p}.weight": p for p in EMBEDDINGS} if bits < 16 else {}
+    top = {n: _fp16(reader.tensor(n)) for n in names if n not in packed}
+    metas = {}
+    for name in sorted(set(names) & set(packed)):
+        cfg = DecomposeConfig.for_method("rtn", bq=bits, group_size=group)
+        dec = decompose(reader.tensor(name).float(), None, cfg)  # [vocab, hidden], groups along hidden
+        top |= linear_tensors(packed[name], dec)
+        metas[packed[name]], errors[packed[name]] = linear_metadata(dec), dec.fro_err
+    header = {k: v for k, v in file_metadata(metas).items() if k != VERSION_KEY}  # the shard adds the version
+    return top, header
+
+
+def _shards(run: RunDir, reader: ShardReader, num_layers: int, per_shard: int, top: tuple) -> Iterator[tuple]:
     """(tensors, header) of every shard in order: the non-layer tensors, then ``per_shard`` layers at a time."""
-    top = {n: _fp16(reader.tensor(n)) for n in reader.names() if not n.startswith("model.layers.")}
-    if tied:
-        top.pop("lm_head.weight", None)
-    yield top, {}
+    yield top
     for first in range(0, num_layers, per_shard):
         tensors, header = {}, {}
         for i in range(first, min(first + per_shard, num_layers)):
@@ -203,8 +232,9 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
     num_layers, tied = config["num_hidden_layers"], bool(config.get("tie_word_embeddings", False))
     reader = ShardReader(folder)
     count = 1 + -(-num_layers // per_shard)
-    weight_map, total, linear_bytes = {}, 0, 0
-    for k, (tensors, header) in enumerate(_shards(run, reader, num_layers, per_shard, tied)):
+    weight_map, total, linear_bytes, embed_error = {}, 0, 0, {}
+    top = _top_tensors(reader, tied, embed_bits, spec["group_size"], embed_error)
+    for k, (tensors, header) in enumerate(_shards(run, reader, num_layers, per_shard, top)):
         name = f"model-{k + 1:05d}-of-{count:05d}.safetensors"
         _write(tmp / name, safetensors_bytes(tensors, {"format": "pt", VERSION_KEY: str(FORMAT_VERSION)} | header))
         for tensor in tensors:
@@ -226,6 +256,7 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
     _write(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     shapes = [reader.info[f"{linear_prefix(i, p)}.weight"].shape for i in range(num_layers) for p in PROJECTIONS]
     weights = sum(math.prod(shape) for shape in shapes)
+    params = sum(math.prod(info.shape) for n, info in reader.info.items() if not (tied and n == "lm_head.weight"))
     return ExportSummary(
         path="",
         files=len(files) + 1,
@@ -233,6 +264,10 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
         bits_per_weight=8 * linear_bytes / weights,
         linear_bytes=linear_bytes,
         linear_weights=weights,
+        bits_per_weight_total=8 * total / params,
+        tensor_bytes=total,
+        parameters=params,
+        embed_error=embed_error,
         layers=num_layers,
         shards=count,
         embed_bits=embed_bits,
@@ -255,7 +290,7 @@ def export(run_dir: Path | str, out: Path | str, *, embed_bits: int = 16, layers
     """Write the HF-style folder ``out`` for the finished run ``run_dir``; ExportError (one line) if it cannot."""
     run, out = RunDir(run_dir), Path(out)
     if embed_bits not in EMBED_BITS:
-        raise ExportError(f"embed_bits={embed_bits} is not implemented yet; only 16 (fp16) is")
+        raise ExportError(f"embed_bits={embed_bits} is not supported; choose one of {', '.join(map(str, EMBED_BITS))}")
     if layers_per_shard < 1:
         raise ExportError(f"layers_per_shard={layers_per_shard} must be >= 1")
     if out.exists():

@@ -163,6 +163,33 @@ def test_tied_embeddings_are_stored_once(calib_file, tmp_path):
     assert summary.tied_embeddings and summary.shards == 2  # embeddings, then both layers (8 per shard)
 
 
+@pytest.mark.parametrize(("bits", "tolerance"), [(8, 0.01), (4, 0.15)])
+def test_embeddings_and_lm_head_packed_at_8_and_4_bits(exported, qwen2_dir, tmp_path, bits, tolerance):
+    run, out16, summary16 = exported
+    result = _export(run, tmp_path / "out", "--layers-per-shard", "1", "--embed-bits", str(bits), "--json")
+    assert result.exit_code == 0, result.output
+    summary, reader = json.loads(result.stdout), ShardReader(qwen2_dir)
+    first = tmp_path / "out" / "model-00001-of-00003.safetensors"
+    tensors, metas = load_file(first), _metas(first)
+    assert sorted(metas) == ["lm_head", "model.embed_tokens"]  # untied: both packed, rank 0, no incoherence
+    for prefix in metas:
+        assert metas[prefix]["q"] == {"bits": bits, "group_size": 64, "zero_point": False}
+        assert metas[prefix]["rank"] == 0 and not metas[prefix]["incoherence"]
+        assert f"{prefix}.weight" not in tensors and tensors[f"{prefix}.q.codes"].dtype == torch.uint8
+        original = reader.tensor(f"{prefix}.weight").double()
+        dense = read_linear(tensors, prefix, metas[prefix]).dense_weight().double()
+        err = ((dense - original).norm() / original.norm()).item()
+        assert err < tolerance and err == pytest.approx(summary["embed_error"][prefix], rel=1e-3)
+    assert tensors["model.norm.weight"].dtype == torch.float16  # norms stay fp16
+    for name in ("model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"):
+        assert (tmp_path / "out" / name).read_bytes() == (out16 / name).read_bytes()  # linears untouched
+    assert summary["bits_per_weight"] == summary16["bits_per_weight"]
+    assert summary["tensor_bytes"] < summary16["tensor_bytes"] and summary["parameters"] == summary16["parameters"]
+    assert summary["bits_per_weight_total"] == pytest.approx(8 * summary["tensor_bytes"] / summary["parameters"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["embed_bits"] == bits
+    verify(tmp_path / "out")
+
+
 def _one_line_error(result, needle):
     assert result.exit_code == 2, result.output
     assert needle in result.stderr, result.stderr
@@ -178,7 +205,7 @@ def test_an_unfinished_run_is_refused_naming_the_layers(llama_dir, calib_file, t
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--embed-bits", "8"], "embed_bits=8 is not implemented yet; only 16 (fp16) is"),
+        (["--embed-bits", "3"], "embed_bits=3 is not supported; choose one of 16, 8, 4"),
         (["--layers-per-shard", "0"], "layers_per_shard=0 must be >= 1"),
     ],
 )
