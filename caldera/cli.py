@@ -310,6 +310,33 @@ def export(
     )
 
 
+@app.command("verify")
+def verify(
+    model: Annotated[Path, typer.Option(help="Folder written by caldera export.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Check an exported folder: every file against manifest.json (size, sha256), every packed tensor's format."""
+    from caldera.pipeline.export import ExportError
+    from caldera.pipeline.export import verify as verify_folder
+
+    try:
+        manifest = verify_folder(model, packed=True)
+    except ExportError as e:
+        fail(str(e))
+    files = manifest["files"]
+    summary = {"model": str(model), "files": len(files), "bytes": sum(f["bytes"] for f in files.values())}
+    summary["packed_entries"] = manifest["packed_entries"]
+    if json_out:
+        emit(summary)
+        return
+    err_console.print(
+        f"{model}: {summary['files']} files ({summary['bytes'] / 2**20:.1f} MiB) match manifest.json; "
+        f"{summary['packed_entries']} packed entries valid",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command("calibrate")
 def calibrate(
     run: Annotated[Path, typer.Option(help="Run directory: hessians/layer_NNN.safetensors and run.json (resumable).")],

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from caldera.config import DecomposeConfig
@@ -39,6 +40,7 @@ from caldera.io.model_folder import read_model_config
 from caldera.io.packed_format import (
     FORMAT_VERSION,
     VERSION_KEY,
+    FormatError,
     file_metadata,
     linear_metadata,
     linear_tensors,
@@ -315,10 +317,12 @@ def export(run_dir: Path | str, out: Path | str, *, embed_bits: int = 16, layers
     return summary
 
 
-def verify(model_dir: Path | str) -> dict[str, Any]:
+def verify(model_dir: Path | str, *, packed: bool = False) -> dict[str, Any]:
     """Check every file of an exported folder against manifest.json (size, then sha256); returns the manifest.
 
-    ExportError naming the first file that is missing, altered, or present but not in the manifest.
+    With ``packed``, also read every packed entry of every shard (docs/FORMAT.md §8 validation) and add
+    ``"packed_entries"`` (their count) to the returned dict. ExportError (FormatError for a bad entry) names the
+    first file that is missing, altered, present but not in the manifest, or not in the format.
     """
     folder = Path(model_dir)
     try:
@@ -337,4 +341,21 @@ def verify(model_dir: Path | str) -> dict[str, Any]:
     extra = sorted(p.name for p in folder.iterdir() if p.name not in files and p.name != MANIFEST)
     if extra:
         raise ExportError(f"{folder / extra[0]}: not listed in the manifest")
+    if packed:
+        manifest = manifest | {"packed_entries": _read_every_entry(folder, sorted(files))}
     return manifest
+
+
+def _read_every_entry(folder: Path, names: list[str]) -> int:
+    count = 0
+    for name in (n for n in names if n.endswith(".safetensors")):
+        tensors = load_file(str(folder / name))
+        with safe_open(str(folder / name), framework="pt") as f:
+            header = f.metadata()
+        try:
+            for prefix, meta in read_file_metadata(header).items():
+                read_linear(tensors, prefix, meta)
+                count += 1
+        except FormatError as e:
+            raise ExportError(f"{folder / name}: {e}") from None
+    return count

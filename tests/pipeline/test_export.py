@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from caldera.cli import app
@@ -15,7 +15,7 @@ from caldera.io.packed_format import read_file_metadata, read_linear
 from caldera.io.run_dir import RunDir
 from caldera.io.shards import ShardReader
 from caldera.pipeline.decompose_model import PROJECTIONS, decompose_layer
-from caldera.pipeline.export import ExportError, export, verify
+from caldera.pipeline.export import ExportError, export, sha256_file, verify
 from caldera.pipeline.hessians import PROJ_GROUP
 from caldera.pipeline.run_decompose import linear_prefix
 from caldera.testing.tiny_models import tiny_llama
@@ -150,6 +150,29 @@ def test_manifest_verification_names_the_altered_file(exported, tmp_path):
     shard.unlink()
     with pytest.raises(ExportError, match="model-00002-of-00003.safetensors: listed in the manifest but missing"):
         verify(copy)
+
+
+def test_verify_command_checks_the_manifest_and_every_packed_entry(exported, tmp_path):
+    _, out, _ = exported
+    result = runner.invoke(app, ["verify", "--model", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["packed_entries"] == 2 * len(PROJECTIONS) and summary["files"] == len(list(out.iterdir())) - 1
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in out.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    name = "model-00002-of-00003.safetensors"
+    with safe_open(copy / name, "pt") as f:
+        header = f.metadata()
+    tensors = load_file(copy / name)
+    tensors["model.layers.0.mlp.up_proj.q.scales"][0, 0] = float("nan")
+    save_file(tensors, copy / name, metadata=header)  # a well-formed file, then a manifest that matches it
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"][name] = {"sha256": sha256_file(copy / name), "bytes": (copy / name).stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    bad = runner.invoke(app, ["verify", "--model", str(copy)])
+    _one_line_error(bad, f"{name}: tensor model.layers.0.mlp.up_proj.q.scales: contains NaN or Inf")
 
 
 def test_tied_embeddings_are_stored_once(calib_file, tmp_path):
