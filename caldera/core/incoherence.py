@@ -61,12 +61,13 @@ class IncoherenceTransform:
     """U = (B ⊗ H) diag(s) of size n, from a seed. ``forward`` maps rows x -> x Uᵀ, ``inverse`` x -> x U."""
 
     def __init__(self, n: int, seed: int, signs: torch.Tensor | None = None, block: torch.Tensor | None = None) -> None:
-        """Signs and block from the seed, or as given (e.g. read back from a packed file)."""
+        """Signs and block from the seed (float64, CPU), or as given (e.g. read back from a packed file: kept on
+        their device and dtype, so a runtime's buffers are used in place)."""
         self.n = n
         self.seed = seed
         self.p2, self.q = split_pow2(n)
-        self.signs = random_signs(n, seed) if signs is None else signs.double().cpu()
-        self.block = orthogonal_block(self.q) if block is None else block.double().cpu()
+        self.signs = random_signs(n, seed) if signs is None else signs
+        self.block = orthogonal_block(self.q) if block is None else block
 
     def _mix(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         if self.q == 1:

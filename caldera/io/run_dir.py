@@ -35,12 +35,16 @@ class RunDirError(RuntimeError):
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) for a temporary file beside ``path``, fsync it and rename it over ``path``."""
+    """Call write(tmp) for a temporary file beside ``path``, fsync it and rename it over ``path``.
+
+    The file gets the mode a plain ``open`` would give it (0o666 less the umask), not mkstemp's private 0o600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~umask())
         write(tmp_path)
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
@@ -51,6 +55,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class RunDir:

@@ -47,7 +47,7 @@ from caldera.io.packed_format import (
     read_file_metadata,
     read_linear,
 )
-from caldera.io.run_dir import RunDir
+from caldera.io.run_dir import RunDir, umask
 from caldera.io.shards import ShardReader
 from caldera.pipeline.decompose_model import PROJECTIONS
 from caldera.pipeline.hessians import PROJ_PATH
@@ -277,12 +277,6 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
     )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _is_linear(name: str) -> bool:
     """A tensor of a packed linear (q/l/r parts, signs, bias): ``model.layers.<i>.<path>.<part>``."""
     return any(f".{path}." in name for path in PROJ_PATH.values())
@@ -307,7 +301,7 @@ def export(run_dir: Path | str, out: Path | str, *, embed_bits: int = 16, layers
         raise ExportError(f"cannot create {out}: {e.strerror or e}") from None
     try:
         summary = _build(tmp, run, spec, folder, config, embed_bits, layers_per_shard)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp made it private
         os.rename(tmp, out)
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None

@@ -20,6 +20,7 @@ from caldera.io.packed_format import (
     read_linear,
 )
 from caldera.testing import lowrank_plus_noise, random_spd_hessian
+from caldera.testing.format_reference import doc_decode, doc_transform
 
 M, N = 80, 96  # 2^4·5 and 2^5·3: both transforms use an odd block
 PREFIX = "model.layers.3.self_attn.q_proj"
@@ -101,34 +102,6 @@ def test_layout_and_metadata(tmp_path, decs):
         "seed_out": dec.u_out.seed,
         "seed_in": dec.u_in.seed,
     }
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """Sylvester order: H[i, j] = (-1)^popcount(i & j) / sqrt(n), float64."""
-    parity = torch.tensor([[bin(a & b).count("1") % 2 for b in range(n)] for a in range(n)])
-    return (1 - 2 * parity.double()) / math.sqrt(n)
-
-
-def doc_decode(tensors, name: str, bits: int, group: int, rows: int, cols: int, zero_point: bool) -> torch.Tensor:
-    """Dequantize per docs/FORMAT.md from the raw tensors: bit stream -> codes -> (code - offset) · scale, float64."""
-    if bits == 16:
-        return tensors[name].double()
-    stream = (tensors[f"{name}.codes"].long().unsqueeze(-1) >> torch.arange(8)) & 1  # (rows, bytes, 8)
-    stream = stream.reshape(rows, -1)[:, : cols * bits].reshape(rows, cols, bits)
-    codes = (stream << torch.arange(bits)).sum(-1).double()
-    col_group = torch.arange(cols) // group
-    scale = tensors[f"{name}.scales"].double()[:, col_group]
-    offset = tensors[f"{name}.zeros"].double()[:, col_group] if zero_point else (2**bits - 1) / 2
-    return (codes - offset) * scale
-
-
-def doc_transform(tensors, signs_name: str, n: int) -> torch.Tensor:
-    """U = (B ⊗ H_{2^p}) diag(s) (n, n) float64 from the raw sign bits and the stored block."""
-    p2, q = n & -n, n // (n & -n)
-    bits = (tensors[signs_name].long().unsqueeze(-1) >> torch.arange(8)) & 1
-    signs = 1 - 2 * bits.reshape(-1)[:n].double()
-    block = tensors[f"incoherence.block.{q}"].double() if q > 1 else torch.ones(1, 1, dtype=torch.float64)
-    return torch.kron(block, hadamard(p2)) * signs
 
 
 @pytest.mark.parametrize("name", ["rank8-mixed-ragged", "rank0-had-zeros", "rank8-16bit-lr-zeros"])

@@ -1,5 +1,7 @@
 """Run directory: atomic writes, config pinning in run.json, Hessian files."""
 
+import os
+
 import pytest
 import torch
 
@@ -52,3 +54,12 @@ def test_hessians_round_trip_and_corruption(tmp_path):
     run.hessian_path(3).write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(RunDirError, match="missing or corrupt"):
         run.load_hessians(3)
+
+
+def test_atomic_write_gives_the_umask_mode_not_a_private_one(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.txt", lambda p: p.write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
