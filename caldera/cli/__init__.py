@@ -1,0 +1,14 @@
+"""`caldera` command line: options -> config -> pipeline stage, one module per stage.
+
+Heavy imports (torch, transformers) happen inside the commands so that `caldera --help` is fast.
+Every stage has `--json`: one JSON object per line on stdout, human output on stderr.
+"""
+
+from caldera.cli import calibrate, decompose, export, bench_decompose  # noqa: F401, I001 (registered in stage order)
+from caldera.cli.common import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,57 @@
+"""The Typer app and what every command shares: one-line errors, JSON lines, progress bars, the device."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="CALDERA: compress LLM linear layers to Q (2-bit) + L·R (low rank), layer by layer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Stages: calibrate -> decompose -> export -> eval; bench and plan around them."""
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
+
+
+def fail(message: str) -> None:
+    """One-line error on stderr, exit code 2."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def progress_bar(disable: bool):
+    """A rich progress bar on stderr (count, elapsed, ETA); ``disable`` under --json."""
+    from rich import progress as rp
+
+    columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn())
+    return rp.Progress(*columns, rp.TextColumn("eta"), rp.TimeRemainingColumn(), console=err_console, disable=disable)
+
+
+def say(line: str, json_out: bool) -> None:
+    """A human line on stderr, unless --json."""
+    if not json_out:
+        err_console.print(line, highlight=False, soft_wrap=True)
