@@ -10,7 +10,9 @@
                                             metadata, shared incoherence blocks) and their norms in fp16
     OUT/model.safetensors.index.json        tensor name -> shard (a shared block: the first shard holding it),
                                             total_size (bytes of every stored tensor)
+    OUT/caldera_metrics.json                per layer and projection: act_err, fro_err, bits per weight, rank, seconds
     OUT/manifest.json                       sha256 and size of every other file; ``verify(OUT)`` checks them
+    OUT/report/                             written later by ``caldera eval`` (not in the manifest)
 
 Everything is checked (every layer finished with the run's config, every linear readable) before anything is
 written; the folder is built under a temporary name beside OUT and renamed at the end, so OUT appears whole or
@@ -52,6 +54,7 @@ from caldera.io.shards import ShardReader
 from caldera.pipeline.decompose_model import PROJECTIONS
 from caldera.pipeline.hessians import PROJ_PATH
 from caldera.pipeline.run_decompose import (
+    METRICS_KEY,
     SECTION,
     check_layer_header,
     format_layers,
@@ -61,6 +64,8 @@ from caldera.pipeline.run_decompose import (
 )
 
 MANIFEST = "manifest.json"
+METRICS = "caldera_metrics.json"
+REPORT_DIR = "report"  # written by caldera eval; not part of the model, not in the manifest
 INDEX = "model.safetensors.index.json"
 MANIFEST_VERSION = 1
 EMBED_BITS = (16, 8, 4)  # embeddings and lm_head: fp16, or packed at 8 or 4 bits
@@ -215,6 +220,12 @@ def quantization_config(spec: dict[str, Any], embed_bits: int, tied: bool) -> di
 # --- writing ------------------------------------------------------------------------------------------------------
 
 
+def _layer_metrics(run: RunDir, num_layers: int) -> dict[str, Any]:
+    """{"layers": [{"layer": i, "proj": {proj: act_err, fro_err, bits_per_weight, rank, seconds, ...}}]}."""
+    layers = [{"layer": i, "proj": json.loads(layer_header(run, i)[METRICS_KEY])} for i in range(num_layers)]
+    return {"layers": layers}
+
+
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -246,27 +257,37 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
         linear_bytes += sum(t.numel() * t.element_size() for t in linear)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write(tmp / INDEX, (json.dumps(index, indent=2) + "\n").encode())
-    out_config = config | {"dtype": "float16", "quantization_config": quantization_config(spec, embed_bits, tied)}
+    shapes = [reader.info[f"{linear_prefix(i, p)}.weight"].shape for i in range(num_layers) for p in PROJECTIONS]
+    weights = sum(math.prod(shape) for shape in shapes)
+    params = sum(math.prod(info.shape) for n, info in reader.info.items() if not (tied and n == "lm_head.weight"))
+    stats = {
+        "bits_per_weight": 8 * linear_bytes / weights,
+        "bits_per_weight_total": 8 * total / params,
+        "linear_bytes": linear_bytes,
+        "linear_weights": weights,
+        "tensor_bytes": total,
+        "parameters": params,
+    }
+    qc = quantization_config(spec, embed_bits, tied) | {"stats": stats}
+    out_config = config | {"dtype": "float16", "quantization_config": qc}
     if "torch_dtype" in out_config:
         out_config["torch_dtype"] = "float16"
     _write(tmp / "config.json", (json.dumps(out_config, indent=2, sort_keys=True) + "\n").encode())
+    _write(tmp / METRICS, (json.dumps(_layer_metrics(run, num_layers), indent=1, sort_keys=True) + "\n").encode())
     for name in COPIED_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, tmp / name)
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
     manifest = {"manifest_version": MANIFEST_VERSION, "files": files}
     _write(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    shapes = [reader.info[f"{linear_prefix(i, p)}.weight"].shape for i in range(num_layers) for p in PROJECTIONS]
-    weights = sum(math.prod(shape) for shape in shapes)
-    params = sum(math.prod(info.shape) for n, info in reader.info.items() if not (tied and n == "lm_head.weight"))
     return ExportSummary(
         path="",
         files=len(files) + 1,
         bytes=sum(f["bytes"] for f in files.values()) + (tmp / MANIFEST).stat().st_size,
-        bits_per_weight=8 * linear_bytes / weights,
+        bits_per_weight=stats["bits_per_weight"],
         linear_bytes=linear_bytes,
         linear_weights=weights,
-        bits_per_weight_total=8 * total / params,
+        bits_per_weight_total=stats["bits_per_weight_total"],
         tensor_bytes=total,
         parameters=params,
         embed_error=embed_error,
@@ -332,7 +353,7 @@ def verify(model_dir: Path | str, *, packed: bool = False) -> dict[str, Any]:
             raise ExportError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
         if sha256_file(path) != entry["sha256"]:
             raise ExportError(f"{path}: sha256 differs from the manifest (the file was altered or corrupted)")
-    extra = sorted(p.name for p in folder.iterdir() if p.name not in files and p.name != MANIFEST)
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in files and p.name not in (MANIFEST, REPORT_DIR))
     if extra:
         raise ExportError(f"{folder / extra[0]}: not listed in the manifest")
     if packed:

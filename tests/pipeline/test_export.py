@@ -260,3 +260,20 @@ def test_full_disk_leaves_no_folder_behind(exported, tmp_path, monkeypatch):
     target = tmp_path / "models" / "out"
     _one_line_error(_export(run, target), f"cannot write {target}: No space left on device")
     assert written and list((tmp_path / "models").iterdir()) == []  # neither the folder nor its temporary
+
+
+def test_per_layer_metrics_and_stats_travel_with_the_export(exported):
+    run, out, summary = exported
+    metrics = json.loads((out / "caldera_metrics.json").read_text())["layers"]
+    assert [m["layer"] for m in metrics] == [0, 1] and set(metrics[0]["proj"]) == set(PROJECTIONS)
+    header = RunDir(run).layer_path(1)
+    with safe_open(header, "pt") as f:
+        assert metrics[1]["proj"] == json.loads(f.metadata()["caldera.metrics"])
+    stats = json.loads((out / "config.json").read_text())["quantization_config"]["stats"]
+    assert stats["bits_per_weight"] == summary["bits_per_weight"] and stats["parameters"] == summary["parameters"]
+    assert stats["bits_per_weight_total"] == summary["bits_per_weight_total"]
+    (out / "report").mkdir()  # caldera eval's report folder is not part of the model
+    try:
+        verify(out)
+    finally:
+        (out / "report").rmdir()
