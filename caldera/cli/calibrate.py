@@ -7,16 +7,14 @@ from typing import Annotated
 
 import typer
 
-from caldera.cli.common import JsonOpt, app, emit, err_console, fail, progress_bar
+from caldera.cli.common import TEXTS_HELP, JsonOpt, app, emit, err_console, fail, progress_bar
 
 
 @app.command("calibrate")
 def calibrate(
     run: Annotated[Path, typer.Option(help="Run directory: hessians/layer_NNN.safetensors and run.json (resumable).")],
     model: Annotated[Path | None, typer.Option(help="Local HF Llama/Qwen2 folder (default: embedded model).")] = None,
-    data: Annotated[
-        list[Path] | None, typer.Option(help="Calibration .txt/.jsonl file (repeatable; default: the corpus split).")
-    ] = None,
+    data: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     layers: Annotated[str | None, typer.Option(help="Decoder layers, e.g. 0-3,5 (default: all).")] = None,
@@ -28,7 +26,7 @@ def calibrate(
 
     from caldera.config import ConfigError
     from caldera.io.calibration import CalibrationError, calibration_windows, default_calibration_texts
-    from caldera.io.corpus import CorpusError, load_text_files
+    from caldera.io.corpus import CorpusError, describe_texts, load_texts
     from caldera.io.default_model import DefaultModelMissing, default_model_dir
     from caldera.io.model_folder import ModelFolderError, load_tokenizer, read_model_config
     from caldera.io.run_dir import RunDir, RunDirError
@@ -44,8 +42,8 @@ def calibrate(
         config = read_model_config(folder)
         ShardReader(folder)  # shards checked before the text is tokenized
         selected, dev, rundir = parse_layers(layers, config["num_hidden_layers"]), resolve_device(device), RunDir(run)
-        texts = load_text_files(data) if data else default_calibration_texts()
-        source = ", ".join(str(p.resolve()) for p in data) if data else "default corpus (calibration split)"
+        texts = load_texts(data) if data else default_calibration_texts()
+        source = describe_texts(data) if data else "default corpus (calibration split)"
         ids = calibration_windows(load_tokenizer(folder), texts, samples, seq_len)  # (samples, seq_len)
         todo = [i for i in selected if not rundir.has_hessians(i)]
         if not json_out:

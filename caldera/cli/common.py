@@ -23,6 +23,7 @@ def _root() -> None:
     """Stages: calibrate -> decompose -> export -> eval; bench and plan around them."""
 
 
+TEXTS_HELP = ".txt or .jsonl file, or a datasets name: wikitext2, wikitext2-train, c4 (repeatable)."
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from caldera.cli.common import JsonOpt, app, emit, err_console, fail, progress_bar, say
+from caldera.cli.common import TEXTS_HELP, JsonOpt, app, emit, err_console, fail, progress_bar, say
 
 DECOMPOSE_SAMPLES = 64
 DECOMPOSE_SEQ_LEN = 256
@@ -36,9 +36,7 @@ def decompose(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     samples: Annotated[int, typer.Option(help="Calibration windows (if RUN has no Hessians yet).")] = DECOMPOSE_SAMPLES,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = DECOMPOSE_SEQ_LEN,
-    calib: Annotated[
-        list[Path] | None, typer.Option(help="Calibration .txt/.jsonl file (repeatable; default: the corpus split).")
-    ] = None,
+    calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Base seed; each matrix derives its own from (seed, layer, name).")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -114,7 +112,7 @@ def _decompose_open(model_dir, run_dir, layers_spec, device, cfg, calibration: d
 def _decompose_calibrate(job: _DecomposeJob, samples: int, seq_len: int, calib, json_out: bool) -> None:
     """Say what will be done; compute (streaming) the Hessians of the selected layers that the run lacks."""
     from caldera.io.calibration import calibration_windows, default_calibration_texts
-    from caldera.io.corpus import load_text_files
+    from caldera.io.corpus import describe_texts, load_texts
     from caldera.io.model_folder import load_tokenizer
     from caldera.pipeline.calibrate import calibrate as stream_hessians
     from caldera.pipeline.run_decompose import missing_hessians, unfinished_layers
@@ -122,7 +120,7 @@ def _decompose_calibrate(job: _DecomposeJob, samples: int, seq_len: int, calib, 
     unfinished = sorted(set(job.layers) & set(unfinished_layers(job.run, job.config["num_hidden_layers"])))
     todo, ids = missing_hessians(job.run, unfinished), None  # finished layers need no Hessians
     if todo:  # the text is checked before anything is said
-        texts = load_text_files(calib) if calib else default_calibration_texts()
+        texts = load_texts(calib) if calib else default_calibration_texts()
         ids = calibration_windows(load_tokenizer(job.folder), texts, samples, seq_len)  # (samples, seq_len)
     job.run.remove_stale_files()
     done = len(job.layers) - len(unfinished)
@@ -137,7 +135,7 @@ def _decompose_calibrate(job: _DecomposeJob, samples: int, seq_len: int, calib, 
         warning = f"[yellow]warning:[/] {proj} is {shape[0]}×{shape[1]}: rank {job.spec['rank']} > min(m, n), "
         err_console.print(warning + f"clamped to {k}", highlight=False, soft_wrap=True)
     if todo:
-        source = ", ".join(str(p.resolve()) for p in calib) if calib else "default corpus (calibration split)"
+        source = describe_texts(calib) if calib else "default corpus (calibration split)"
         with progress_bar(json_out) as progress:
             task = progress.add_task("calibration", total=max(todo) + 1)
             kw = {"layers": unfinished, "device": job.device, "data": source}

@@ -250,3 +250,46 @@ def load_text_files(paths: Iterable[Path | str]) -> list[str]:
             raise CorpusError(f"{path}: empty (no text)")
         texts.extend(found)
     return texts
+
+
+HUB_DATASETS: dict[str, tuple[str, dict[str, str], str]] = {
+    "wikitext2": ("wikitext", {"name": "wikitext-2-raw-v1", "split": "test"}, "one document"),
+    "wikitext2-train": ("wikitext", {"name": "wikitext-2-raw-v1", "split": "train"}, "one document"),
+    "c4": (
+        "allenai/c4",
+        {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}, "split": "validation"},
+        "one per record",
+    ),
+}
+"""Names accepted where a text file is: (hub dataset, load_dataset keywords, how records become documents).
+WikiText-2 is joined into one document (its rows are lines of articles); C4 gives one per record (first shard)."""
+
+
+def hub_texts(name: str) -> list[str]:
+    """Documents of a named hub dataset through ``datasets`` (needs network or a filled local HF cache)."""
+    path, kwargs, how = HUB_DATASETS[name]
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"{name}: the datasets package is not installed (pip install datasets)") from None
+    try:
+        rows = datasets.load_dataset(path, **kwargs)["text"]
+    except Exception as e:  # noqa: BLE001 (network, cache and format errors all end here)
+        raise CorpusError(f"{name}: cannot load {path} ({type(e).__name__}: {e}); it needs network access") from None
+    texts = ["".join(rows)] if how == "one document" else [t for t in rows if t.strip()]
+    if not texts or not any(t.strip() for t in texts):
+        raise CorpusError(f"{name}: {path} holds no text")
+    return texts
+
+
+def load_texts(specs: Iterable[Path | str]) -> list[str]:
+    """Documents from each spec in turn: a hub dataset name (``HUB_DATASETS``) or a .txt / .jsonl file."""
+    texts = []
+    for spec in specs:
+        texts += hub_texts(str(spec)) if str(spec) in HUB_DATASETS else load_text_files([spec])
+    return texts
+
+
+def describe_texts(specs: Iterable[Path | str]) -> str:
+    """What ``load_texts(specs)`` reads, for run.json and reports: dataset names as given, files as full paths."""
+    return ", ".join(str(s) if str(s) in HUB_DATASETS else str(Path(s).resolve()) for s in specs)

@@ -1,0 +1,158 @@
+"""The quality report: JSON + Markdown + PNG plots of one evaluated model, and the comparison of several.
+
+MODEL_DIR/report/eval.json          the `caldera eval --json` object
+MODEL_DIR/report/report.md          original vs compressed perplexity, delta, bits per weight, memory;
+                                    per-projection activation-aware error (min / median / max over layers)
+MODEL_DIR/report/layer_errors.png   act_err per layer, one line per projection type
+OUT/comparison.{json,md}            several evaluated models: method, settings, bits per weight, ppl, delta
+OUT/ppl_vs_bits.png                 perplexity versus bits per weight (the original as a horizontal line)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def settings(result: dict[str, Any]) -> str:
+    """'2/4/4/r64/g64' (BQ/BL/BR/rank/group) of an eval result, '16' for an uncompressed model."""
+    if result.get("method") in (None, "dense"):
+        return "16 (original)"
+    rank = f"r{result['rank']}" if result["method"] == "caldera" else "r0"
+    return f"{result['bq']}/{result['bl']}/{result['br']}/{rank}/g{result['group_size']}"
+
+
+def error_summary(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{proj: {min, median, max}} of act_err over the layers of caldera_metrics.json."""
+    out = {}
+    for proj in PROJECTIONS:
+        errs = [layer["proj"][proj]["act_err"] for layer in metrics["layers"] if proj in layer["proj"]]
+        if errs:
+            out[proj] = {"min": min(errs), "median": statistics.median(errs), "max": max(errs)}
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layer_errors(metrics: dict[str, Any], path: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    layers = [layer["layer"] for layer in metrics["layers"]]
+    for proj in PROJECTIONS:
+        ax.plot(layers, [layer["proj"][proj]["act_err"] for layer in metrics["layers"]], marker=".", label=proj)
+    ax.set(xlabel="decoder layer", ylabel="activation-aware relative error", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(result: dict[str, Any], errors: dict[str, dict[str, float]] | None) -> str:
+    """report.md of one evaluated model."""
+    lines = [
+        f"# caldera eval: {Path(result['model']).name}",
+        "",
+        f"Data: {result['data']}; {result['windows']} windows of {result['seq_len']} tokens "
+        f"({result['predictions']} predicted tokens); device {result['device']}, {result['dtype']}.",
+        "",
+        "| model | settings | bits/weight (linears) | bits/weight (all) | bytes | ppl | delta |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if result.get("baseline_ppl") is not None:
+        lines.append(
+            f"| original | 16 | 16 | 16 | {_fmt(result.get('baseline_bytes'), ',')} | {result['baseline_ppl']:.3f} | |"
+        )
+    lines.append(
+        f"| {result.get('method') or 'dense'} | {settings(result)} | {_fmt(result['bits_per_weight'], '.3f')} | "
+        f"{_fmt(result['bits_per_weight_total'], '.3f')} | {result['bytes_total']:,} | {result['ppl']:.3f} | "
+        f"{_fmt(result.get('ppl_delta_pct'), '+.1f')}% |"
+    )
+    if errors:
+        lines += [
+            "",
+            "Activation-aware error per projection (over layers):",
+            "",
+            "| projection | min | median | max |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {p} | {e['min']:.4f} | {e['median']:.4f} | {e['max']:.4f} |" for p, e in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(model_dir: Path, result: dict[str, Any]) -> list[Path]:
+    """Write MODEL_DIR/report/ for one eval result; returns the files written."""
+    out = Path(model_dir) / "report"
+    out.mkdir(exist_ok=True)
+    metrics_path = Path(model_dir) / "caldera_metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    errors = error_summary(metrics) if metrics else None
+    files = [out / "eval.json", out / "report.md"]
+    files[0].write_text(json.dumps(result | ({"act_err": errors} if errors else {}), indent=2) + "\n")
+    files[1].write_text(markdown(result, errors))
+    if metrics:
+        files.append(out / "layer_errors.png")
+        plot_layer_errors(metrics, files[-1], f"{Path(model_dir).name}: {settings(result)}")
+    return files
+
+
+def quality_table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown: method | BQ/BL/BR/rank/group | bits per weight | ppl | delta % (the original first)."""
+    lines = [
+        "| method | BQ/BL/BR/rank/group | bits per weight (linears) | bits per weight (all) | ppl | delta % |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = next((r["baseline_ppl"] for r in results if r.get("baseline_ppl") is not None), None)
+    if base is not None:
+        lines.append(f"| original | 16 | 16 | 16 | {base:.3f} | |")
+    for r in sorted(results, key=lambda r: r["ppl"]):
+        lines.append(
+            f"| {r.get('method') or 'dense'} | {settings(r)} | {_fmt(r['bits_per_weight'], '.3f')} | "
+            f"{_fmt(r['bits_per_weight_total'], '.3f')} | {r['ppl']:.3f} | {_fmt(r.get('ppl_delta_pct'), '+.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_ppl_vs_bits(results: Sequence[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for method in sorted({r.get("method") or "dense" for r in results}):
+        rows = sorted(
+            (r for r in results if (r.get("method") or "dense") == method), key=lambda r: r["bits_per_weight"]
+        )
+        ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], marker="o", label=method)
+    base = next((r["baseline_ppl"] for r in results if r.get("baseline_ppl") is not None), None)
+    if base is not None:
+        ax.axhline(base, color="gray", linestyle="--", label=f"original ({base:.2f})")
+    ax.set(xlabel="bits per weight (linears, every stored byte)", ylabel="perplexity", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_comparison(results: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """OUT/comparison.json, comparison.md and ppl_vs_bits.png for several eval results."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "comparison.json", out / "comparison.md", out / "ppl_vs_bits.png"]
+    files[0].write_text(json.dumps(list(results), indent=2) + "\n")
+    files[1].write_text(quality_table(results))
+    plot_ppl_vs_bits(results, files[2])
+    return files
