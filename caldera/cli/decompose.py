@@ -47,7 +47,27 @@ def decompose(
     """
     import time
 
-    from caldera.config import ConfigError, DecomposeConfig
+    from caldera.config import DecomposeConfig
+
+    start, results = time.perf_counter(), []
+    try:
+        cfg = DecomposeConfig.for_method(
+            method, bq=bq, bl=bl, br=br, rank=rank, group_size=group_size, iters=iters, seed=seed
+        )
+        calibration = {"samples": samples, "seq_len": seq_len, "calib": calib}
+        run_dir = decompose_run(model, run, layers, device, cfg, calibration, json_out, results)
+    except decompose_errors() as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        message = f"interrupted after {len(results)} layers; rerun the same command to resume"
+        err_console.print(message, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    _decompose_report(results, time.perf_counter() - start, json_out, run_dir)
+
+
+def decompose_errors() -> tuple[type[Exception], ...]:
+    """The exceptions a decomposition reports as a one-line error."""
+    from caldera.config import ConfigError
     from caldera.core.ldlq import HessianError
     from caldera.io.calibration import CalibrationError
     from caldera.io.corpus import CorpusError
@@ -58,24 +78,18 @@ def decompose(
     from caldera.pipeline.calibrate import CalibrateError
 
     errors = (ConfigError, HessianError, CalibrationError, CorpusError, ModelFolderError, DefaultModelMissing)
-    errors += (RunDirError, ShardError, CalibrateError, FileExistsError)  # FileExistsError: half a default model
-    start, results = time.perf_counter(), []
-    try:
-        cfg = DecomposeConfig.for_method(
-            method, bq=bq, bl=bl, br=br, rank=rank, group_size=group_size, iters=iters, seed=seed
-        )
-        job = _decompose_open(model, run, layers, device, cfg, {"samples": samples, "seq_len": seq_len, "calib": calib})
-        with job.run.lock():
-            job.run.ensure_spec("decompose", job.spec)  # a resumed run must have the same settings
-            _decompose_calibrate(job, samples, seq_len, calib, json_out)
-            _decompose_layers(job, cfg, json_out, results)
-    except errors as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        message = f"interrupted after {len(results)} layers; rerun the same command to resume"
-        err_console.print(message, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
-    _decompose_report(results, time.perf_counter() - start, json_out, job.run.root)
+    return (*errors, RunDirError, ShardError, CalibrateError, FileExistsError)  # FileExistsError: half a default model
+
+
+def decompose_run(model, run, layers, device, cfg, calibration: dict, json_out: bool, results: list) -> Path:
+    """Open (or resume) the run, calibrate the layers it lacks Hessians for, decompose layer by layer into
+    ``results``; returns the run directory."""
+    job = _decompose_open(model, run, layers, device, cfg, calibration)
+    with job.run.lock():
+        job.run.ensure_spec("decompose", job.spec)  # a resumed run must have the same settings
+        _decompose_calibrate(job, calibration["samples"], calibration["seq_len"], calibration["calib"], json_out)
+        _decompose_layers(job, cfg, json_out, results)
+    return job.run.root
 
 
 @dataclasses.dataclass

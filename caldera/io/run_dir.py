@@ -140,6 +140,25 @@ class RunDir:
             spec[section] = value
             atomic_write(self.spec_path, lambda p: p.write_text(json.dumps(spec, indent=2, sort_keys=True)))
 
+    def share_hessians(self, other: RunDir) -> int:
+        """Give ``other`` this run's calibration: its run.json "calibration" section and hard links to (copies of,
+        across file systems) the Hessian files ``other`` lacks. Returns how many files were linked."""
+        calibration = (self.read_spec() or {}).get("calibration")
+        if calibration is None:
+            raise RunDirError(f"{self.root} has no calibration to share")
+        other.ensure_spec("calibration", calibration)
+        count = 0
+        for src in sorted((self.root / "hessians").glob("layer_*.safetensors")):
+            dest = other.root / "hessians" / src.name
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dest)
+                except OSError:
+                    atomic_write(dest, lambda p, s=src: p.write_bytes(s.read_bytes()))
+                count += 1
+        return count
+
     # Hessians -------------------------------------------------------------------------------------
     def save_hessians(self, layer: int, hessians: dict[str, torch.Tensor], tokens: int) -> None:
         """H (n, n) float64 per input group of one layer, with the token count they average over."""

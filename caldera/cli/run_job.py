@@ -1,0 +1,133 @@
+"""`caldera run`: the whole job on one model: calibrate once, then per method decompose → export → eval, and the
+quality table (method | BQ/BL/BR/rank/group | bits per weight | ppl | delta %).
+
+    WORK/<tag>/run      the method's run directory (Hessians hard-linked from the first method's run)
+    WORK/<tag>/model    its export, with model/report/ from caldera eval
+    WORK/comparison.*   the quality table (JSON, Markdown) and ppl_vs_bits.png
+
+Every stage resumes: rerunning the same command after Ctrl-C or kill -9 skips finished layers, exports that
+verify, and evaluations already reported with the same evaluation settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from caldera.cli.common import TEXTS_HELP, JsonOpt, app, emit, err_console, fail, say
+from caldera.cli.decompose import DECOMPOSE_ITERS, DECOMPOSE_SAMPLES, DECOMPOSE_SEQ_LEN, decompose_errors, decompose_run
+from caldera.cli.evaluate import eval_errors, run_eval
+
+METHODS = "caldera,ldlq-had,gptq,rtn"
+
+
+def method_tag(cfg) -> str:
+    """Folder name of one method's settings, e.g. caldera-q2-l4-r4-k256-g64-i4 or gptq-q2-g64."""
+    tag = f"{cfg.method.value}-q{cfg.bq}"
+    if cfg.rank:
+        tag += f"-l{cfg.bl}-r{cfg.br}-k{cfg.rank}"
+    return tag + f"-g{cfg.group_size}" + (f"-i{cfg.iters}" if cfg.rank else "")
+
+
+def default_workdir(model: Path, calibration: dict) -> Path:
+    from caldera.io.default_model import cache_root
+
+    key = json.dumps({"model": str(model.resolve()), **calibration}, sort_keys=True, default=str)
+    return cache_root() / "jobs" / f"{model.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _export_once(run: Path, out: Path, embed_bits: int) -> None:
+    from caldera.pipeline.export import ExportError, export, verify
+
+    if out.exists():
+        try:
+            verify(out)
+            return
+        except ExportError as e:
+            raise ExportError(f"{e}; delete {out} to export again") from None
+    export(run, out, embed_bits=embed_bits)
+
+
+def _eval_once(model: Path, settings: dict, baseline: Path, json_out: bool) -> dict:
+    """The stored report/eval.json when made with the same evaluation settings, else a fresh caldera eval."""
+    stored = model / "report" / "eval.json"
+    if stored.is_file():
+        result = json.loads(stored.read_text())
+        if result.get("job_settings") == settings:
+            return result
+    args = (settings["data"], baseline, settings["seq_len"], settings["max_tokens"], settings["device"])
+    result = run_eval(model, *args, "float32", 4, json_out) | {"job_settings": settings}
+    stored.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@app.command("run")
+def run_job(
+    model: Annotated[Path | None, typer.Option(help="Local HF Llama/Qwen2 folder (default: embedded model).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated: caldera, ldlq-had, gptq, rtn.")] = METHODS,
+    bq: Annotated[int, typer.Option(help="Bits of Q (every method).")] = 2,
+    bl: Annotated[int, typer.Option(help="Bits of L (caldera; 16: fp16).")] = 4,
+    br: Annotated[int, typer.Option(help="Bits of R (caldera; 16: fp16).")] = 4,
+    rank: Annotated[int, typer.Option(help="Rank of L·R (caldera; clamped to min(m, n)).")] = 256,
+    group_size: Annotated[int, typer.Option(help="Q's group along the input dimension.")] = 64,
+    iters: Annotated[int, typer.Option(help="CALDERA rounds.")] = DECOMPOSE_ITERS,
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = DECOMPOSE_SAMPLES,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = DECOMPOSE_SEQ_LEN,
+    calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
+    eval_data: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
+    eval_seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 512,
+    max_tokens: Annotated[int | None, typer.Option(help="Evaluation tokens at most (default: all).")] = None,
+    embed_bits: Annotated[int, typer.Option(help="Embeddings and lm_head: 16, 8 or 4.")] = 16,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    workdir: Annotated[
+        Path | None, typer.Option(help="Job folder (default: one per model and settings in the cache).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The whole job: calibrate → decompose → export → eval for each method, then the quality table."""
+    from caldera.config import DecomposeConfig
+    from caldera.eval.report import quality_table, write_comparison
+    from caldera.io.default_model import default_model_dir
+    from caldera.io.run_dir import RunDir
+    from caldera.pipeline.export import ExportError
+
+    start, results, runs = time.perf_counter(), [], []
+    calibration = {"samples": samples, "seq_len": seq_len, "calib": calib}
+    eval_settings = {"data": eval_data, "seq_len": eval_seq_len, "max_tokens": max_tokens, "device": device}
+    try:
+        configs = [
+            DecomposeConfig.for_method(m.strip(), bq=bq, bl=bl, br=br, rank=rank, group_size=group_size, iters=iters)
+            for m in methods.split(",")
+        ]
+        folder = model if model is not None else default_model_dir()
+        work = workdir if workdir is not None else default_workdir(folder, calibration)
+        for cfg in configs:
+            tag = method_tag(cfg)
+            run, out = RunDir(work / tag / "run"), work / tag / "model"
+            if runs:
+                runs[0].share_hessians(run)
+            say(f"[bold]{tag}[/]: decompose → export → eval in {work / tag}", json_out)
+            decompose_run(folder, run.root, None, device, cfg, calibration, json_out, [])
+            runs.append(run)
+            _export_once(run.root, out, embed_bits)
+            result = _eval_once(out, eval_settings | {"data": [str(p) for p in eval_data or []]}, folder, json_out)
+            results.append(result | {"tag": tag})
+            if json_out:
+                emit({"tag": tag, "result": results[-1]})
+    except (*decompose_errors(), *eval_errors(), ExportError, ValueError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun the same command to resume", highlight=False)
+        raise typer.Exit(130) from None
+    files = write_comparison(results, work)
+    summary = {"workdir": str(work), "methods": len(results), "seconds": time.perf_counter() - start}
+    if json_out:
+        emit({"summary": summary | {"files": [str(f) for f in files]}})
+        return
+    err_console.print(quality_table(results), highlight=False, soft_wrap=True)
+    err_console.print(f"{len(results)} methods in {summary['seconds'] / 60:.1f} min; {work}", highlight=False)
