@@ -22,7 +22,7 @@ def eval_texts(data: list[Path] | None) -> tuple[list[str], str]:
     return default_evaluation_texts(), "default corpus (evaluation split)"
 
 
-def run_eval(model: Path, data, baseline, seq_len, max_tokens, device, dtype, batch_size, json_out) -> dict:
+def run_eval(model: Path, data, baseline, seq_len, max_tokens, device, dtype, batch_size, dense, json_out) -> dict:
     """evaluate() with a progress bar per scored model; the report written into MODEL/report/."""
     import torch
 
@@ -38,6 +38,7 @@ def run_eval(model: Path, data, baseline, seq_len, max_tokens, device, dtype, ba
             tasks.append(progress.add_task(f"ppl {name}", total=windows))
 
         kw = {"baseline": baseline, "seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size}
+        kw |= {"dense_weights": dense}
         kw |= {"device": device or default_device(), "dtype": getattr(torch, DTYPES[dtype]), "cache": cache_root()}
         result = evaluate(
             model, texts, label, **kw, on_model=on_model, on_batch=lambda b: progress.advance(tasks[-1], b)
@@ -66,13 +67,17 @@ def eval_command(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     dtype: Annotated[str, typer.Option(help="Activations: float32, bfloat16 or float16.")] = "float32",
     batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 4,
+    dense_weights: Annotated[
+        bool, typer.Option(help="Materialize each linear's Ŵ once: dense speed and memory, the same logits.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity over fixed windows of the evaluation text, against the original; report in MODEL/report/."""
     if dtype not in DTYPES:
         fail(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     try:
-        result = run_eval(model, data, baseline, seq_len, max_tokens, device, dtype, batch_size, json_out)
+        args = (seq_len, max_tokens, device, dtype, batch_size, dense_weights, json_out)
+        result = run_eval(model, data, baseline, *args)
     except (*eval_errors(), ValueError) as e:
         fail(str(e))
     if json_out:

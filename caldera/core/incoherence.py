@@ -17,19 +17,38 @@ MAX_BLOCK = 4096  # largest odd factor q handled (B is q × q)
 BLOCK_SEED = 0x5EED  # B depends on q alone, so all transforms of one width share it
 
 
+FWHT_RADIX = 64  # the transform is applied as dense Hadamard factors of at most this size (batched matmuls)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard(n: int) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix (n, n) float64, n a power of two ≤ FWHT_RADIX."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform along the last dim (a power of two)."""
+    """Orthonormal Walsh-Hadamard transform along the last dim (a power of two), Sylvester order.
+
+    H_(ab) = H_a ⊗ H_b, so with the last dim viewed as (a, b) the transform is X -> H_a X H_bᵀ: the dim is split
+    into factors of at most FWHT_RADIX, each applied as one small dense matmul (fast on CPU and GPU alike).
+    """
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {n}")
-    lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return x.reshape(*lead, n) / math.sqrt(n)
+    factors = []
+    while n > 1:
+        factors.insert(0, min(n, FWHT_RADIX))  # the least significant (contiguous) factor is the largest
+        n //= factors[0]
+    y, rest = x.reshape(-1, x.shape[-1]), x.shape[-1]
+    for k, f in enumerate(factors):
+        h = _hadamard(f).to(x.device, x.dtype)  # symmetric
+        rest //= f
+        last = k + 1 == len(factors)  # the least significant factor: one GEMM over all rows; others batched
+        y = y.reshape(-1, f) @ h if last else torch.matmul(h, y.reshape(-1, f, rest))
+    return y.reshape(x.shape)
 
 
 def split_pow2(n: int) -> tuple[int, int]:

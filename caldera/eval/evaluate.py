@@ -29,12 +29,13 @@ def is_compressed(folder: Path | str) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "caldera"
 
 
-def load_any(folder: Path | str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """caldera.load for an export, else the dense transformers model; eval mode, on ``device``."""
+def load_any(folder: Path | str, device: torch.device, dtype: torch.dtype, dense_weights: bool = False):
+    """caldera.load for an export (``dense_weights``: see there), else the dense transformers model; eval mode,
+    on ``device``."""
     if is_compressed(folder):
         from caldera.runtime.load import load
 
-        return load(folder, device=device, dtype=dtype)
+        return load(folder, device=device, dtype=dtype, dense_weights=dense_weights)
     from transformers import AutoModelForCausalLM
 
     read_model_config(folder)
@@ -80,6 +81,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 4,
+    dense_weights: bool = False,
     cache: Path | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_model: Callable[[str, int], None] | None = None,
@@ -92,12 +94,13 @@ def evaluate(
     windows = evaluation_windows(load_tokenizer(model_dir), texts, seq_len, max_tokens)  # (count, seq_len)
     if on_model is not None:
         on_model(Path(model_dir).name, windows.shape[0])
-    model = load_any(model_dir, device, dtype)
+    model = load_any(model_dir, device, dtype, dense_weights)
     memory = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     result = perplexity(model, windows, batch_size=batch_size, on_batch=on_batch)
     del model
     out = {"model": str(Path(model_dir).resolve()), "data": data} | _ppl_fields(result)
     out |= {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "memory_bytes": memory}
+    out |= {"weights": "dense" if dense_weights else "packed"}
     out |= size_stats(model_dir)
     out |= {"baseline": None, "baseline_ppl": None, "ppl_delta_pct": None, "baseline_cached": None}
     if baseline is not None:

@@ -84,6 +84,7 @@ class CompressedLinear(nn.Module):
             self.register_buffer(f"signs_{side}", signs)  # ±1 float32, or None
             self.register_buffer(f"block_{side}", None if block is None else _frozen(block))
         self.register_buffer("bias", linear.bias)
+        self.register_buffer("dense", None)  # Ŵ, only after materialize()
 
     def _transform(self, side: str, dtype: torch.dtype) -> IncoherenceTransform:
         signs, block = getattr(self, f"signs_{side}"), getattr(self, f"block_{side}")
@@ -102,9 +103,16 @@ class CompressedLinear(nn.Module):
             return w
         return self._transform("out", dtype).inverse(self._transform("in", dtype).inverse(w).T).T
 
+    def materialize(self, dtype: torch.dtype = torch.float32) -> None:
+        """Keep Ŵ dense from now on: forward becomes one dense matmul with the same output (to rounding) at the
+        dense model's speed and memory. For evaluating small models on the CPU; the packed tensors stay."""
+        self.dense = self.dense_weight(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> y (..., out) in x's dtype: dequantize Q, one dense matmul, plus (x̃ Rᵀ) Lᵀ."""
         dtype = x.dtype
+        if self.dense is not None:
+            return nn.functional.linear(x, self.dense.to(dtype), None if self.bias is None else self.bias.to(dtype))
         if self.incoherence:
             x = self._transform("in", dtype).forward(x)  # x̃ = U_in x (per row)
         y = nn.functional.linear(x, self.q.dequantize(dtype))

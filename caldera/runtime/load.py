@@ -101,11 +101,14 @@ def load(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     verify: bool = True,
+    dense_weights: bool = False,
 ) -> PreTrainedModel:
     """A Qwen2ForCausalLM / LlamaForCausalLM whose linears are ``CompressedLinear``, in eval mode on ``device``.
 
     Activations (and norms, fp16 embeddings, biases) are in ``dtype``; the packed tensors stay packed. With
-    ``verify`` every file is first checked against manifest.json (sha256). LoadError (one line) otherwise.
+    ``verify`` every file is first checked against manifest.json (sha256). With ``dense_weights`` every
+    CompressedLinear also keeps its Ŵ dense (``materialize``): dense speed and memory, the same logits.
+    LoadError (one line) otherwise.
     """
     from caldera.pipeline.export import ExportError
     from caldera.pipeline.export import verify as verify_folder
@@ -137,6 +140,10 @@ def load(
     if tied and not isinstance(model.lm_head, CompressedLinear):
         model.lm_head.weight = model.get_input_embeddings().weight  # assign=True replaced the tied parameter
     _rebuild_rotary(model, device)
+    if dense_weights:
+        for module in model.modules():
+            if isinstance(module, CompressedLinear):
+                module.materialize(dtype)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise LoadError(f"{folder}: tensor {missing[0]} is in no shard")

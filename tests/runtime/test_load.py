@@ -128,3 +128,14 @@ def test_bad_folders_are_one_line_errors(exports, tmp_path):
     (newer / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoadError, match="packed format 2 is not supported"):
         caldera.load(newer, verify=False)
+
+
+def test_dense_weights_give_the_same_logits(exports):
+    _, exported = exports["qwen2", 4]
+    ids = _ids(259, seed=5)
+    with torch.no_grad():
+        packed = caldera.load(exported)(ids).logits
+        dense_model = caldera.load(exported, dense_weights=True)
+        dense = dense_model(ids).logits
+    assert all(m.dense is not None for m in dense_model.modules() if isinstance(m, CompressedLinear))
+    assert ((dense - packed).norm() / packed.norm()).item() < 1e-5
