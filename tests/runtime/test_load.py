@@ -54,7 +54,8 @@ def dense_reference(original, exported) -> torch.nn.Module:
             metas = read_file_metadata(f.metadata())
         for prefix, meta in metas.items():
             linear = read_linear(tensors, prefix, meta)
-            targets = [prefix] + (["lm_head"] if prefix == "model.embed_tokens" and "lm_head.weight" in state else [])
+            tied = prefix == "model.embed_tokens" and model.config.tie_word_embeddings
+            targets = [prefix] + (["lm_head"] if tied else [])
             for target in targets:
                 state[f"{target}.weight"].copy_(linear.dense_weight())
             if linear.bias is not None:
