@@ -1,0 +1,291 @@
+"""MAX graphs over the Mojo kernels in kernels_mojo/: the one module of caldera that imports ``max``.
+
+What runs where, for one compressed linear y = x Ŵᵀ + b (docs/FORMAT.md §6):
+
+    torch  x̃ = U_in x                 signs, FWHT, odd block (caldera.core.incoherence)
+    MAX    ỹ = x̃ (Q + L R)ᵀ (+ b)     "fused": one Mojo op (one GPU launch), dequantizing Q, L and R on the fly
+                                       "two_stage": t = x̃ Rᵀ, then x̃ Qᵀ + t Lᵀ in one pass (two ops)
+    torch  y = U_outᵀ ỹ + b            the bias is fused into the op only when there is no incoherence
+
+Graphs have symbolic dimensions: one compiled model serves every shape with the same bits and group sizes
+(``KernelSpec``), activation dtype and device; it is compiled once per process and cached. Tensors go in and out
+through DLPack (torch CPU or CUDA tensors, no copies); on CUDA, MAX's queue is ordered after torch's current
+stream and torch's stream after it, so callers never synchronize by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from max import driver
+from max.dtype import DType
+from max.engine import InferenceSession, Model
+from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
+from torch import nn
+
+from caldera.runtime.compressed import CompressedLinear, PackedMatrix
+
+Impl = Literal["fused", "two_stage"]
+IMPLS: tuple[Impl, ...] = ("fused", "two_stage")
+KERNELS = Path(os.environ.get("CALDERA_KERNELS", Path(__file__).resolve().parents[2] / "kernels_mojo"))
+"""The Mojo package of the ops: a source folder (precompiled once per process) or a .mojoc."""
+T_PARTS_GPU = 4
+"""Partial sums of t = x̃ Rᵀ on the GPU: kernels_mojo/gpu.mojo's P_SPLIT (the CPU writes one)."""
+
+_DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
+
+
+class Unsupported(ValueError):
+    """The kernels cannot run this linear here; the message says why (callers fall back to the PyTorch path)."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """The ops' compile-time parameters: bits and group size of Q, L and R (bits 16: fp16 values, group 1)."""
+
+    bq: int = 2
+    gq: int = 64
+    bl: int = 4
+    gl: int = 64
+    br: int = 4
+    gr: int = 64
+
+    @classmethod
+    def of(cls, module: CompressedLinear, device: torch.device | str = "cpu") -> KernelSpec:
+        """The spec of a layer, or Unsupported when the kernels cannot decode it on ``device``'s type."""
+        gpu = torch.device(device).type == "cuda"
+        parts = {"q": module.q} | ({"l": module.l, "r": module.r} if module.rank else {})
+        for name, part in parts.items():
+            _check_part(name, part, gpu)
+        if not module.rank:  # L, R unused: share the default spec's compiled model
+            return cls(module.q.bits, module.q.group_size)
+        bits_group = [(p.bits, 1 if p.bits == 16 else p.group_size) for p in (module.l, module.r)]
+        return cls(module.q.bits, module.q.group_size, *bits_group[0], *bits_group[1])
+
+    def parameters(self, *parts: str) -> dict[str, int]:
+        return {f"{a}{p}": getattr(self, f"{a}{p}") for p in parts for a in ("b", "g")}
+
+    def key(self) -> str:
+        return f"q{self.bq}g{self.gq}_l{self.bl}g{self.gl}_r{self.br}g{self.gr}"
+
+
+def _check_part(name: str, part: PackedMatrix, gpu: bool) -> None:
+    if getattr(part, "zeros", None) is not None:
+        raise Unsupported(f"{name}: zero points are not supported by the kernels")
+    allowed = (2, 4, 16) if gpu else (2, 4, 8, 16)
+    if part.bits not in allowed or (name == "q" and part.bits == 16):
+        raise Unsupported(f"{name}: {part.bits}-bit codes are not supported by the {'GPU' if gpu else 'CPU'} kernels")
+    chunk = 128 // part.bits  # columns of one thread's 16-byte load on the GPU; it must not straddle groups
+    if gpu and part.bits < 16 and part.group_size % chunk:
+        raise Unsupported(f"{name}: group size {part.group_size} is not a multiple of {chunk} (GPU kernels)")
+
+
+@dataclass
+class KernelInputs:
+    """A layer's stored tensors as the ops read them (views of the module's buffers: no copies)."""
+
+    q_codes: torch.Tensor  # (m, nbytes(n, bq)) uint8
+    q_scales: torch.Tensor  # (m, ngroups(n, gq)) fp16
+    l_data: torch.Tensor  # (m, nbytes(k, bl)) uint8, or fp16 (m, k) as bytes (m, 2k); (m, 0) at rank 0
+    l_scales: torch.Tensor  # (m, ngroups(k, gl)) fp16; (m, 0) for fp16 or rank 0
+    r_data: torch.Tensor  # (k, nbytes(n, br)) uint8, or fp16 (k, n) as bytes (k, 2n)
+    r_scales: torch.Tensor  # (k, ngroups(n, gr)) fp16; (k, 0) for fp16
+    bias: torch.Tensor  # (m,) float32, or (0,)
+    sync: torch.Tensor  # (2,) int64: the fused GPU launch's counters, zeros when created, reset by each launch
+
+    @classmethod
+    def of(cls, module: CompressedLinear, fuse_bias: bool) -> KernelInputs:
+        device = module.q.codes.device
+        empty_u8 = torch.empty(module.out_features, 0, dtype=torch.uint8, device=device)
+        empty_f16 = torch.empty(module.out_features, 0, dtype=torch.float16, device=device)
+        left = _part(module.l) if module.rank else (empty_u8, empty_f16)
+        right = _part(module.r) if module.rank else (empty_u8[:0], empty_f16[:0])
+        bias = module.bias.float() if fuse_bias and module.bias is not None else torch.empty(0, device=device)
+        sync = torch.zeros(2, dtype=torch.int64, device=device)
+        return cls(*_part(module.q), *left, *right, bias.contiguous(), sync)
+
+    def args(self) -> list[torch.Tensor]:
+        """The graph's inputs after x, in order."""
+        return [
+            self.q_codes,
+            self.q_scales,
+            self.l_data,
+            self.l_scales,
+            self.r_data,
+            self.r_scales,
+            self.bias,
+            self.sync,
+        ]
+
+
+def _part(part: PackedMatrix) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scales) of one stored part: packed codes and fp16 scales, or fp16 values as bytes and no scales."""
+    if part.bits == 16:
+        values = part.weight.view(torch.float16)
+        return values.view(torch.uint8), torch.empty(part.rows, 0, dtype=torch.float16, device=values.device)
+    return part.codes, part.scales.view(torch.float16)
+
+
+@cache
+def _kernel_package() -> Path:
+    """The kernels as a .mojoc, precompiled once per process (MAX otherwise reruns `mojo precompile` per graph)."""
+    if KERNELS.suffix == ".mojoc":
+        return KERNELS
+    from mojo.paths import _build_mojo_source_package  # MAX's own precompile step
+
+    return _build_mojo_source_package(KERNELS)
+
+
+@cache
+def max_device(kind: str, index: int = 0) -> driver.Device:
+    return driver.CPU() if kind == "cpu" else driver.Accelerator(index)
+
+
+@cache
+def _session(device: driver.Device) -> InferenceSession:
+    return InferenceSession(devices=[device])
+
+
+def build_graph(impls: tuple[Impl, ...], spec: KernelSpec, dtype: DType, device: driver.Device) -> Graph:
+    """One layer's transformed-domain product: inputs (x (s, n), *KernelInputs.args()) -> y (s, m) per impl.
+
+    Several impls in one graph share one compilation (tests, the GPU compile check); the runtime uses one each.
+    """
+    ref = DeviceRef.from_device(device)
+
+    def tensor(dt: DType, *dims: object) -> TensorType:
+        return TensorType(dt, list(dims), device=ref)
+
+    u8, f16, f32 = DType.uint8, DType.float16, DType.float32
+    types = [
+        tensor(dtype, "s", "n"),
+        tensor(u8, "m", "q_bytes"),
+        tensor(f16, "m", "q_groups"),
+        tensor(u8, "l_rows", "l_bytes"),
+        tensor(f16, "l_rows", "l_groups"),
+        tensor(u8, "k", "r_bytes"),
+        tensor(f16, "k", "r_groups"),
+        tensor(f32, "b"),
+        BufferType(DType.int64, [2], device=ref),
+    ]
+    parts = 1 if device.is_host else T_PARTS_GPU
+    with Graph(
+        f"caldera_{'_'.join(impls)}_{spec.key()}", input_types=types, custom_extensions=[_kernel_package()]
+    ) as g:
+        x, qc, qs, ld, ls, rd, rs, bias = (v.tensor for v in g.inputs[:8])
+        sync = g.inputs[8].buffer
+        y_type = tensor(dtype, x.shape[0], qc.shape[0])
+        outputs = []
+        for impl in impls:
+            if impl == "fused":
+                values = [x, qc, qs, ld, ls, rd, rs, bias, sync]
+                y = ops.inplace_custom("caldera_qlr_fused", ref, values, [y_type], spec.parameters("q", "l", "r"))
+            else:
+                t_type = tensor(f32, parts, x.shape[0], rd.shape[0])
+                t = ops.custom("caldera_lr_project", ref, [x, rd, rs], [t_type], spec.parameters("r"))[0]
+                y = ops.custom(
+                    "caldera_qlr_apply", ref, [x, t, qc, qs, ld, ls, bias], [y_type], spec.parameters("q", "l")
+                )
+            outputs.append(y[0])
+        g.output(*outputs)
+    return g
+
+
+@cache
+def compiled(impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtype, device: driver.Device) -> Model:
+    """``build_graph`` compiled, once per process (tens of seconds cold, a few from MAX's disk cache)."""
+    return _session(device).load(build_graph(impls, spec, _DTYPES[dtype], device))
+
+
+def compile_for_gpu(impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtype, target: str, out: Path) -> None:
+    """Compile the GPU branch for ``target`` (e.g. "sm_90a") through MAX's virtual device; raises on any error.
+
+    It switches this process to virtual-device mode for good: call it in a process of its own.
+    """
+    driver.set_virtual_device_api("cuda")
+    driver.set_virtual_device_target_arch(target)
+    driver.set_virtual_device_count(1)
+    device = driver.Accelerator()
+    session = InferenceSession(devices=[device], export_mefs=str(out))
+    session.compile_reusing_mefs(build_graph(impls, spec, _DTYPES[dtype], device))
+
+
+class _Ordered:
+    """Work on MAX's queue after torch's current stream's, and torch's next work after MAX's (CUDA; else nothing)."""
+
+    def __init__(self, device: driver.Device, tensor_device: torch.device) -> None:
+        self.cuda = tensor_device.type == "cuda"
+        if self.cuda:
+            self.caller = torch.cuda.current_stream(tensor_device)
+            self.stream = torch.cuda.ExternalStream(device.default_queue.native_stream_handle, device=tensor_device)
+
+    def __enter__(self) -> None:
+        if self.cuda:
+            self.stream.wait_stream(self.caller)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self.caller.wait_stream(self.stream)
+
+
+def max_queue_stream(device: torch.device) -> torch.cuda.ExternalStream:
+    """MAX's queue on a CUDA device as a torch stream (the bench times torch and MAX work on the same queue)."""
+    handle = max_device("gpu", device.index or 0).default_queue.native_stream_handle
+    return torch.cuda.ExternalStream(handle, device=device)
+
+
+def transformed_matmul(
+    x: torch.Tensor, inputs: KernelInputs, spec: KernelSpec, impls: tuple[Impl, ...] = ("fused",)
+) -> tuple[torch.Tensor, ...]:
+    """ỹ (s, m) = x (s, n) (Q + L R)ᵀ (+ fused bias) through MAX on x's device, once per impl (one graph).
+
+    Results have x's dtype; on a GPU, float32 activations are rounded to bf16 for the tensor cores.
+    """
+    gpu = x.device.type == "cuda"
+    xin = x.to(torch.bfloat16) if gpu and x.dtype == torch.float32 else x.contiguous()
+    device = max_device("gpu" if gpu else "cpu", x.device.index or 0)
+    model = compiled(impls, spec, xin.dtype, device)
+    with _Ordered(device, x.device):
+        outs = model.execute(xin, *inputs.args())
+    return tuple(torch.from_dlpack(out).to(x.dtype) for out in outs)
+
+
+class MaxLinear(nn.Module):
+    """A CompressedLinear whose transformed-domain product runs in MAX: y = U_outᵀ MAX(U_in x) (+ b).
+
+    Falls back to the module's own PyTorch forward when the kernels cannot run the layer (``reason`` says why).
+    """
+
+    def __init__(self, module: CompressedLinear, impl: Impl = "fused") -> None:
+        super().__init__()
+        self.module, self.impl = module, impl
+        self.reason: str | None = None
+        try:
+            self.spec = KernelSpec.of(module, module.q.codes.device)
+        except Unsupported as e:
+            self.reason = str(e)
+        self.inputs = None if self.reason else KernelInputs.of(module, fuse_bias=not module.incoherence)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> y (..., out) in x's dtype."""
+        return self.outputs(x, (self.impl,))[0]
+
+    def outputs(self, x: torch.Tensor, impls: tuple[Impl, ...]) -> tuple[torch.Tensor, ...]:
+        """The forward of each impl from one graph (tests compare them at the cost of one compilation)."""
+        m = self.module
+        if self.inputs is None:
+            return (m(x),) * len(impls)
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, m.in_features)
+        if m.incoherence:
+            xt = m._transform("in", x.dtype).forward(xt)
+        ys = transformed_matmul(xt, self.inputs, self.spec, impls)
+        if m.incoherence:
+            ys = tuple(m._transform("out", x.dtype).inverse(y) for y in ys)
+            ys = ys if m.bias is None else tuple(y + m.bias.to(x.dtype) for y in ys)
+        return tuple(y.reshape(*lead, m.out_features) for y in ys)

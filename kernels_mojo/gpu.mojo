@@ -1,0 +1,497 @@
+"""GPU implementation (NVIDIA, built for sm_90a): tensor-core MMA with the packed weights as the A operand.
+
+A warp owns 16 weight rows and accumulates acc (16 rows × 8·NT tokens) += W_tile · X_tileᵀ with mma.sync
+m16n8k16 (bf16 or fp16 operands, float32 accumulators). Lane 4g + q reads 16 bytes (one vector load) of rows g and
+g + 8 per K step: a chunk of 128/bits consecutive columns inside one quantization group, so one scale per row and
+chunk. The mma's logical k indices are mapped onto the chunk's columns in the order in which a shift, a mask and an
+OR with the exponent bits of 2^7 (bf16) or 2^10 (fp16) turn two codes of a 32-bit word into one bf16x2/f16x2
+register: columns (j, j + 16/bits). The activations (B operand) are read in their natural layout with 16-byte
+loads and paired to match by byte permutes. Nothing is staged or repacked: the kernels read docs/FORMAT.md's
+tensors as stored. K steps cover 4 chunks (256 columns at 2 bits, 128 at 4, 32 at 16).
+
+Launch shapes (both use `warp_part`):
+    s ≤ SMALL_S (decode)  block = one 16-row tile, its 8 warps split the K steps, partial sums meet in shared memory
+    larger s              block = 8 row tiles (a warp each) over all K steps, in passes of 8·NT_WIDE tokens
+The low-rank term runs the same routine twice: t = x·Rᵀ (P_SPLIT partial sums over interleaved K steps, so that
+enough blocks run), then t·Lᵀ appended to the K loop of x·Qᵀ (summing the partials while reading t).
+"""
+
+from std.math import ceildiv
+from std.atomic import Atomic, Ordering, fence
+from std.memory import AddressSpace, bitcast, stack_allocation
+
+from max.gpu import barrier, block_idx, lane_id, thread_idx, warp_id
+from max.gpu.compute.mma import mma
+from max.gpu.host import DeviceContext
+
+comptime WARPS = 8
+comptime THREADS = 32 * WARPS
+comptime P_SPLIT = 4
+"""Partial sums of t = x·Rᵀ: t_parts is (P_SPLIT, s, k) float32."""
+comptime SMALL_S = 8
+"""Token counts up to this use the split-K launch with one 8-token tile."""
+comptime NT_WIDE = 8
+"""8-token tiles per pass of the wide launch (64 tokens)."""
+
+
+@always_inline
+def chunk_cols[bits: Int]() -> Int:
+    """Columns in one thread's 16-byte chunk."""
+    return 128 // bits
+
+
+@always_inline
+def step_cols[bits: Int]() -> Int:
+    """Columns of one K step (4 chunks side by side)."""
+    return 4 * chunk_cols[bits]()
+
+
+@always_inline
+def load16(row: Pointer[UInt8, _], byte0: Int, row_bytes: Int, valid: Bool, aligned: Bool) -> SIMD[DType.uint32, 4]:
+    """Bytes [byte0, byte0 + 16) of a packed row as 4 words; zeros past the row's end or for a missing row."""
+    if not valid or byte0 >= row_bytes:
+        return 0
+    if aligned and byte0 + 16 <= row_bytes:
+        return bitcast[DType.uint32, 4](row.unsafe_load[width=16, alignment=16](byte0))
+    var v = SIMD[DType.uint8, 16](0)
+    comptime for i in range(16):
+        if byte0 + i < row_bytes:
+            v[i] = row[unsafe_offset=byte0 + i]
+    return bitcast[DType.uint32, 4](v)
+
+
+@always_inline
+def load_x8[
+    dtype: DType
+](x: Pointer[Scalar[dtype], _], token: Int, col: Int, s: Int, ncols: Int, aligned: Bool) -> SIMD[DType.uint32, 4]:
+    """Activations x[token, col : col + 8] as 4 words of pairs; zeros past the row or for a missing token."""
+    if token >= s or col >= ncols:
+        return 0
+    var base = token * ncols + col
+    if aligned and col + 8 <= ncols:
+        return bitcast[DType.uint32, 4](x.unsafe_load[width=8, alignment=16](base))
+    var v = SIMD[dtype, 8](0)
+    comptime for i in range(8):
+        if col + i < ncols:
+            v[i] = x[unsafe_offset=base + i]
+    return bitcast[DType.uint32, 4](v)
+
+
+@always_inline
+def load_t8[
+    dtype: DType
+](t_parts: Pointer[Float32, _], token: Int, col: Int, s: Int, k: Int) -> SIMD[DType.uint32, 4]:
+    """Σ_p t_parts[p, token, col : col + 8] rounded to `dtype`, as 4 words of pairs; zeros out of range."""
+    if token >= s or col >= k:
+        return 0
+    var total = SIMD[DType.float32, 8](0)
+    for p in range(P_SPLIT):
+        var base = (p * s + token) * k + col
+        if k % 4 == 0 and col + 8 <= k:
+            total += t_parts.unsafe_load[width=8, alignment=16](base)
+        else:
+            comptime for i in range(8):
+                if col + i < k:
+                    total[i] += t_parts[unsafe_offset=base + i]
+    return bitcast[DType.uint32, 4](total.cast[dtype]())
+
+
+@always_inline
+def pair_lo(a: UInt32, b: UInt32) -> UInt32:
+    """The low halves of a and b as one word (PRMT 0x5410)."""
+    return (a & 0xFFFF) | (b << 16)
+
+
+@always_inline
+def pair_hi(a: UInt32, b: UInt32) -> UInt32:
+    """The high halves of a and b as one word (PRMT 0x7632)."""
+    return (a >> 16) | (b & 0xFFFF0000)
+
+
+@always_inline
+def half2[dtype: DType](word: UInt32) -> SIMD[dtype, 2]:
+    return bitcast[dtype, 2](word)
+
+
+@always_inline
+def decode_pair[
+    bits: Int, dtype: DType
+](word: UInt32, j: Int, scale: SIMD[dtype, 2], shift: SIMD[dtype, 2]) -> SIMD[dtype, 2]:
+    """Columns (j, j + 16/bits) of a word of codes, dequantized: (code - offset)·scale = code·scale + shift."""
+    comptime mask = UInt32((1 << bits) - 1) * 0x10001
+    comptime magic = UInt32(0x43004300) if dtype == DType.bfloat16 else UInt32(0x64006400)
+    comptime base = 128.0 if dtype == DType.bfloat16 else 1024.0
+    var v = half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)  # 2^e + code, exact
+    return (v - SIMD[dtype, 2](base)).fma(scale, shift)
+
+
+@always_inline
+def fp16_pair[dtype: DType](word: UInt32) -> SIMD[dtype, 2]:
+    """A word of two stored fp16 values, as `dtype`."""
+    return bitcast[DType.float16, 2](word).cast[dtype]()
+
+
+@always_inline
+def warp_part[
+    bits: Int, group: Int, NT: Int, dtype: DType, from_t: Bool
+](
+    mut acc: SIMD[DType.float32, 4 * NT],
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    nrows: Int,
+    row0: Int,
+    ncols: Int,
+    step0: Int,
+    step_stride: Int,
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    tok0: Int,
+):
+    """Acc += W[row0 : row0 + 16] · B[tok0 : tok0 + 8·NT]ᵀ over the K steps step0, step0 + step_stride, ...
+
+    W: one stored part (nrows × ncols; `bits` 2 or 4 packed with fp16 scales per `group`, or 16 = fp16 values).
+    B: x (s, ncols) in `dtype`, or with `from_t` the float32 partial sums t_parts (P_SPLIT, s, ncols).
+    acc[4·nt : 4·nt + 4] is the mma C fragment of token tile nt: rows (g, g + 8) × tokens (2q, 2q + 1).
+    """
+    comptime assert bits == 2 or bits == 4 or bits == 16, "GPU parts are 2-, 4-bit or fp16"
+    comptime chunk = chunk_cols[bits]()
+    comptime offset = Float32((1 << bits) - 1) / 2
+    var lane = Int(lane_id())
+    var g, q = lane // 4, lane % 4
+    var row_bytes = ceildiv(ncols * bits, 8)
+    var groups = ceildiv(ncols, group) if bits < 16 else 0
+    var ra, rb = row0 + g, row0 + g + 8
+    var aligned, x_aligned = row_bytes % 16 == 0, ncols % 8 == 0
+    var pa = data.unsafe_offset(ra * row_bytes)
+    var pb = data.unsafe_offset(rb * row_bytes)
+    var nsteps = ceildiv(ncols, step_cols[bits]())
+    for step in range(step0, nsteps, step_stride):
+        var col0 = step * step_cols[bits]() + q * chunk
+        var wa = load16(pa, col0 * bits // 8, row_bytes, ra < nrows, aligned)
+        var wb = load16(pb, col0 * bits // 8, row_bytes, rb < nrows, aligned)
+        var sa, sb = SIMD[dtype, 2](0), SIMD[dtype, 2](0)
+        comptime if bits < 16:
+            var gi = col0 // group
+            if gi < groups and ra < nrows:
+                sa = SIMD[dtype, 2](scales[unsafe_offset=ra * groups + gi].cast[dtype]())
+            if gi < groups and rb < nrows:
+                sb = SIMD[dtype, 2](scales[unsafe_offset=rb * groups + gi].cast[dtype]())
+        var sha, shb = sa * Scalar[dtype](-offset), sb * Scalar[dtype](-offset)
+        comptime words = 1 if bits == 16 else 4  # word blocks per chunk (fp16: the chunk is one block)
+        comptime block_cols = chunk // words  # 16 (2-bit), 8 (4-bit or fp16)
+        comptime mmas = block_cols // 4  # per block: 4, 2, 2
+        comptime for blk in range(words):
+            # A fragments of this block's mmas: [row g lo, row g+8 lo, row g hi, row g+8 hi]
+            var a_frag = SIMD[dtype, 8 * mmas](0)
+            comptime for h in range(mmas):
+                var a: SIMD[dtype, 8]
+                comptime if bits == 16:
+                    a = (fp16_pair[dtype](wa[2 * h]).join(fp16_pair[dtype](wb[2 * h]))).join(
+                        fp16_pair[dtype](wa[2 * h + 1]).join(fp16_pair[dtype](wb[2 * h + 1]))
+                    )
+                else:
+                    a = (
+                        decode_pair[bits, dtype](wa[blk], 2 * h, sa, sha).join(
+                            decode_pair[bits, dtype](wb[blk], 2 * h, sb, shb)
+                        )
+                    ).join(
+                        decode_pair[bits, dtype](wa[blk], 2 * h + 1, sa, sha).join(
+                            decode_pair[bits, dtype](wb[blk], 2 * h + 1, sb, shb)
+                        )
+                    )
+                a_frag = a_frag.insert[offset = 8 * h](a)
+            var col = col0 + blk * block_cols
+            comptime for nt in range(NT):
+                if nt * 8 < s - tok0:  # warp-uniform: skip tiles past the last token
+                    var token = tok0 + nt * 8 + g
+                    var n0: SIMD[DType.uint32, 4]
+                    var n1 = SIMD[DType.uint32, 4](0)
+                    comptime if from_t:
+                        n0 = load_t8[dtype](t_parts, token, col, s, ncols)
+                        comptime if block_cols == 16:
+                            n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
+                    else:
+                        n0 = load_x8[dtype](x, token, col, s, ncols, x_aligned)
+                        comptime if block_cols == 16:
+                            n1 = load_x8[dtype](x, token, col + 8, s, ncols, x_aligned)
+                    var nat = n0.join(n1)  # words of natural column pairs (0,1), (2,3), ...
+                    var d = acc.slice[4, offset = 4 * nt]()
+                    comptime for h in range(mmas):
+                        var b: SIMD[dtype, 4]
+                        comptime if bits == 16:
+                            b = half2[dtype](nat[2 * h]).join(half2[dtype](nat[2 * h + 1]))
+                        else:
+                            comptime d2 = block_cols // 4  # word distance between columns j and j + block_cols/2
+                            b = half2[dtype](pair_lo(nat[h], nat[h + d2])).join(
+                                half2[dtype](pair_hi(nat[h], nat[h + d2]))
+                            )
+                        mma(d, a_frag.slice[8, offset = 8 * h](), b, d)
+                    acc = acc.insert[offset = 4 * nt](d)
+
+
+@always_inline
+def fragment_coords(lane: Int, i: Int) -> Tuple[Int, Int]:
+    """(row in tile, token in tile) of accumulator element i of a C fragment held by `lane`."""
+    var g, q = lane // 4, lane % 4
+    return (g + 8 * (i // 2), 2 * q + i % 2)
+
+
+@always_inline
+def reduce_warps(acc: SIMD[DType.float32, 4], red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED]) -> Tuple[Bool, Float32, Int, Int]:
+    """Sum one 16×8 C fragment over the block's warps; (holder, value, row, token) for threads < 128."""
+    var tid = Int(thread_idx.x)
+    var w, lane = Int(warp_id()), Int(lane_id())
+    comptime for i in range(4):
+        red[unsafe_offset=(w * 32 + lane) * 4 + i] = acc[i]
+    barrier()
+    if tid >= 128:
+        return (False, Float32(0), 0, 0)
+    var total = Float32(0)
+    for ww in range(WARPS):
+        total += red[unsafe_offset=ww * 128 + tid]
+    var rc = fragment_coords(tid // 4, tid % 4)
+    return (True, total, rc[0], rc[1])
+
+
+@always_inline
+def passes(s: Int) -> Int:
+    """Token passes of the wide launch."""
+    return ceildiv(s, 8 * NT_WIDE)
+
+
+@always_inline
+def project_blocks(s: Int, k: Int) -> Int:
+    """Blocks of stage 1 (a 1-D grid)."""
+    if s <= SMALL_S:
+        return ceildiv(k, 16) * P_SPLIT
+    return ceildiv(k, 16 * WARPS) * passes(s) * P_SPLIT
+
+
+@always_inline
+def apply_blocks(s: Int, m: Int) -> Int:
+    """Blocks of stage 2 (a 1-D grid)."""
+    if s <= SMALL_S:
+        return ceildiv(m, 16)
+    return ceildiv(m, 16 * WARPS) * passes(s)
+
+
+@always_inline
+def project_block[
+    dtype: DType, //, br: Int, gr: Int, wide: Bool
+](
+    bid: Int,
+    red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
+    t_parts: Pointer[mut=True, Float32, _],
+    x: Pointer[Scalar[dtype], _],
+    r_data: Pointer[UInt8, _],
+    r_scales: Pointer[Float16, _],
+    s: Int,
+    n: Int,
+    k: Int,
+):
+    """Block `bid` of stage 1: its rows of t_parts[p] (partial sums over the K steps p, p + P_SPLIT, ...)."""
+    var w, lane = Int(warp_id()), Int(lane_id())
+    var p = bid % P_SPLIT
+    comptime if not wide:
+        var rt = bid // P_SPLIT
+        var acc = SIMD[DType.float32, 4](0)
+        warp_part[br, gr, 1, dtype, False](
+            acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, 0
+        )
+        var r = reduce_warps(acc, red)
+        var row = 16 * rt + r[2]
+        if r[0] and row < k and r[3] < s:
+            t_parts[unsafe_offset=(p * s + r[3]) * k + row] = r[1]
+    else:
+        var rest = bid // P_SPLIT
+        var tok0 = (rest % passes(s)) * 8 * NT_WIDE
+        var rt = (rest // passes(s)) * WARPS + w
+        if 16 * rt < k:
+            var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
+            warp_part[br, gr, NT_WIDE, dtype, False](acc, r_data, r_scales, k, 16 * rt, n, p, P_SPLIT, x, t_parts, s, tok0)
+            comptime for e in range(4 * NT_WIDE):
+                var rc = fragment_coords(lane, e % 4)
+                var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+                if row < k and token < s:
+                    t_parts[unsafe_offset=(p * s + token) * k + row] = acc[e]
+
+
+@always_inline
+def wait_for(sync: Pointer[Int64, _], count: Int):
+    """Block-wide: wait until sync[0] (stage-1 blocks done) reaches `count`, then see their writes."""
+    if thread_idx.x == 0:
+        while Atomic[Int64, scope="device"].load[ordering=Ordering.ACQUIRE](sync) < Int64(count):
+            pass
+    barrier()
+
+
+@always_inline
+def apply_block[
+    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, wide: Bool, fused: Bool
+](
+    bid: Int,
+    red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
+    y: Pointer[mut=True, Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    q_codes: Pointer[UInt8, _],
+    q_scales: Pointer[Float16, _],
+    l_data: Pointer[UInt8, _],
+    l_scales: Pointer[Float16, _],
+    bias: Pointer[Float32, _],
+    s: Int,
+    m: Int,
+    n: Int,
+    k: Int,
+    has_bias: Bool,
+    sync: Pointer[Int64, _],
+    wait_count: Int,
+):
+    """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused`, t is ready once sync[0] = wait_count.
+    """
+    var w, lane = Int(warp_id()), Int(lane_id())
+    comptime NT = NT_WIDE if wide else 1
+    var rt, tok0, step0, stride = bid, 0, w, WARPS
+    comptime if wide:
+        rt, tok0, step0, stride = (bid // passes(s)) * WARPS + w, (bid % passes(s)) * 8 * NT_WIDE, 0, 1
+    var acc = SIMD[DType.float32, 4 * NT](0)
+    warp_part[bq, gq, NT, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, step0, stride, x, t_parts, s, tok0)
+    if k > 0:
+        comptime if fused:
+            wait_for(sync, wait_count)
+        warp_part[bl, gl, NT, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, step0, stride, x, t_parts, s, tok0)
+    comptime if not wide:
+        var r = reduce_warps(rebind[SIMD[DType.float32, 4]](acc), red)
+        var row = 16 * rt + r[2]
+        if r[0] and row < m and r[3] < s:
+            var b = bias[unsafe_offset=row] if has_bias else Float32(0)
+            y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
+    else:
+        comptime for e in range(4 * NT):
+            var rc = fragment_coords(lane, e % 4)
+            var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+            if row < m and token < s:
+                var b = bias[unsafe_offset=row] if has_bias else Float32(0)
+                y[unsafe_offset=token * m + row] = (acc[e] + b).cast[dtype]()
+
+
+def launch_project[
+    dtype: DType, //, br: Int, gr: Int
+](
+    t_parts: Pointer[mut=True, Float32, _],
+    x: Pointer[Scalar[dtype], _],
+    r_data: Pointer[UInt8, _],
+    r_scales: Pointer[Float16, _],
+    s: Int,
+    n: Int,
+    k: Int,
+    ctx: DeviceContext,
+) raises:
+    """Stage 1: t_parts (P_SPLIT, s, k) float32, partial sums of x (s, n) · dequant(R)ᵀ over interleaved K steps."""
+    comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
+
+    @__parameter
+    def kernel[wide: Bool]():
+        var red = stack_allocation[WARPS * 128, Float32, address_space=AddressSpace.SHARED]()
+        project_block[br, gr, wide](Int(block_idx.x), red, t_parts, x, r_data, r_scales, s, n, k)
+
+    if s <= SMALL_S:
+        ctx.enqueue_function[kernel[False]](grid_dim=project_blocks(s, k), block_dim=THREADS)
+    else:
+        ctx.enqueue_function[kernel[True]](grid_dim=project_blocks(s, k), block_dim=THREADS)
+
+
+def launch_apply[
+    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int
+](
+    y: Pointer[mut=True, Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    q_codes: Pointer[UInt8, _],
+    q_scales: Pointer[Float16, _],
+    l_data: Pointer[UInt8, _],
+    l_scales: Pointer[Float16, _],
+    bias: Pointer[Float32, _],
+    s: Int,
+    m: Int,
+    n: Int,
+    k: Int,
+    has_bias: Bool,
+    ctx: DeviceContext,
+) raises:
+    """Stage 2: y (s, m) = x·dequant(Q)ᵀ + (Σ_p t_parts[p])·dequant(L)ᵀ (+ bias), one K loop over Q then L."""
+    comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
+
+    @__parameter
+    def kernel[wide: Bool]():
+        var red = stack_allocation[WARPS * 128, Float32, address_space=AddressSpace.SHARED]()
+        apply_block[bq, gq, bl, gl, wide, False](
+            Int(block_idx.x), red, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k, has_bias,
+            stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
+        )
+
+    if s <= SMALL_S:
+        ctx.enqueue_function[kernel[False]](grid_dim=apply_blocks(s, m), block_dim=THREADS)
+    else:
+        ctx.enqueue_function[kernel[True]](grid_dim=apply_blocks(s, m), block_dim=THREADS)
+
+
+def launch_fused[
+    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int
+](
+    y: Pointer[mut=True, Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    q_codes: Pointer[UInt8, _],
+    q_scales: Pointer[Float16, _],
+    l_data: Pointer[UInt8, _],
+    l_scales: Pointer[Float16, _],
+    r_data: Pointer[UInt8, _],
+    r_scales: Pointer[Float16, _],
+    bias: Pointer[Float32, _],
+    sync: Pointer[mut=True, Int64, _],
+    s: Int,
+    m: Int,
+    n: Int,
+    k: Int,
+    has_bias: Bool,
+    ctx: DeviceContext,
+) raises:
+    """Both stages in one launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait.
+
+    Stage-1 blocks have the lower indices, so they are dispatched first and never wait: no deadlock whatever the
+    grid size. They count themselves in sync[0]; stage-2 blocks read t after sync[0] = P (acquire). Every block
+    then counts itself in sync[1], and the last one resets both counters for the next launch.
+    """
+    comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
+    var n_project = project_blocks(s, k) if k > 0 else 0
+    var total = n_project + apply_blocks(s, m)
+    var workspace = ctx.enqueue_create_buffer[DType.float32](max(P_SPLIT * s * k, 1))
+    var t_parts = workspace.unsafe_ptr()
+
+    @__parameter
+    def kernel[wide: Bool]():
+        var red = stack_allocation[WARPS * 128, Float32, address_space=AddressSpace.SHARED]()
+        var bid = Int(block_idx.x)
+        if bid < n_project:
+            project_block[br, gr, wide](bid, red, t_parts, x, r_data, r_scales, s, n, k)
+            barrier()
+            if thread_idx.x == 0:
+                fence[Ordering.RELEASE, scope="device"]()
+                _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
+        else:
+            apply_block[bq, gq, bl, gl, wide, True](
+                bid - n_project, red, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
+                has_bias, sync, n_project,
+            )
+        if thread_idx.x == 0:
+            var done = sync.unsafe_offset(1)
+            if Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1) == Int64(total - 1):
+                Atomic[Int64, scope="device"].store(sync, 0)
+                Atomic[Int64, scope="device"].store(done, 0)
+
+    if s <= SMALL_S:
+        ctx.enqueue_function[kernel[False]](grid_dim=total, block_dim=THREADS)
+    else:
+        ctx.enqueue_function[kernel[True]](grid_dim=total, block_dim=THREADS)
+    _ = workspace^
