@@ -199,9 +199,21 @@ def test_bad_arguments(models, ids, tmp_path):
 # peak RSS: 4 vs 8 layers ---------------------------------------------------------------------------------
 RSS_PROBE = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, torch
+    from caldera.config import DecomposeConfig
     from caldera.io.run_dir import RunDir
+    from caldera.io.shards import ShardReader
     from caldera.pipeline.calibrate import calibrate
+    from caldera.pipeline.run_decompose import decompose_into_run, decompose_spec
+
+    def calibrate_and_decompose(folder, run, layers=None):
+        calibrate(folder, ids, run, layers=layers)
+        reader, cfg = ShardReader(folder), DecomposeConfig.for_method("gptq")  # LDLQ: uses each Hessian
+        n = json.loads((reader.folder / "config.json").read_text())["num_hidden_layers"]
+        spec = decompose_spec(folder, reader, n, cfg)
+        run.ensure_spec("decompose", spec)
+        for _ in decompose_into_run(run, reader, layers or range(n), cfg, spec):
+            pass
 
     def peak(reset=False):
         if reset:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
@@ -216,10 +228,10 @@ RSS_PROBE = textwrap.dedent(
             peak(reset=True)
         except OSError:
             sys.exit(3)
-        calibrate(folders[0], ids, RunDir(runs + "/warm-up"), layers=[0])  # imports, first-call allocations
+        calibrate_and_decompose(folders[0], RunDir(runs + "/warm-up"), layers=[0])  # imports, first allocations
     for k, folder in enumerate(folders):
         peak(reset=len(folders) > 1)
-        calibrate(folder, ids, RunDir(f"{runs}/{k}"))
+        calibrate_and_decompose(folder, RunDir(f"{runs}/{k}"))
         print(peak())
     """
 )
@@ -236,12 +248,13 @@ def _peaks(folders: list[Path], runs: Path) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
 def test_peak_rss_grows_by_less_than_two_layers_from_4_to_8_layers(tmp_path):
-    """Peak RSS of calibrate on 4 and then 8 layers (the 8-layer run inherits whatever the 4-layer one left)."""
+    """Peak RSS of calibrate + decompose on 4 and then 8 layers (the 8-layer run inherits what the 4-layer one left)."""
     dims = {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 6}
     folders = [tiny_llama(tmp_path / f"llama{n}", seed=0, num_hidden_layers=n, shards=2, **dims) for n in (4, 8)]
     peak4, peak8 = _peaks(folders, tmp_path / "runs")
     layer = ShardReader(folders[0]).nbytes("model.layers.0.")  # 7.1 MB float32
     assert layer > 7e6
+    print(f"peak RSS {peak4 / 1e6:.1f} MB -> {peak8 / 1e6:.1f} MB from 4 to 8 layers; a layer is {layer / 1e6:.1f} MB")
     assert peak8 - peak4 < 2 * layer, f"peak RSS {peak4 / 1e6:.1f} MB -> {peak8 / 1e6:.1f} MB from 4 to 8 layers"
 
 
