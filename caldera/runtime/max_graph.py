@@ -15,7 +15,9 @@ stream and torch's stream after it, so callers never synchronize by hand.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -216,27 +218,51 @@ def compile_for_gpu(impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtyp
 
 
 class _Ordered:
-    """Work on MAX's queue after torch's current stream's, and torch's next work after MAX's (CUDA; else nothing)."""
+    """On CUDA: MAX's queue waits for torch's current stream before the block, torch's stream for MAX's after it.
+
+    Through a torch view of MAX's queue; if torch cannot use that stream, both sides are synchronized instead
+    (correct, slower).
+    """
 
     def __init__(self, device: driver.Device, tensor_device: torch.device) -> None:
-        self.cuda = tensor_device.type == "cuda"
-        if self.cuda:
-            self.caller = torch.cuda.current_stream(tensor_device)
-            self.stream = torch.cuda.ExternalStream(device.default_queue.native_stream_handle, device=tensor_device)
+        self.device, self.cuda = device, tensor_device.type == "cuda"
+        self.stream = _queue_stream(tensor_device.index or 0) if self.cuda else None
+        self.caller = torch.cuda.current_stream(tensor_device) if self.cuda else None
 
     def __enter__(self) -> None:
-        if self.cuda:
+        if self.cuda and self.stream is not None:
             self.stream.wait_stream(self.caller)
+        elif self.cuda:
+            self.caller.synchronize()
 
     def __exit__(self, *exc: object) -> None:
-        if self.cuda:
+        if self.cuda and self.stream is not None:
             self.caller.wait_stream(self.stream)
+        elif self.cuda:
+            self.device.synchronize()
 
 
-def max_queue_stream(device: torch.device) -> torch.cuda.ExternalStream:
-    """MAX's queue on a CUDA device as a torch stream (the bench times torch and MAX work on the same queue)."""
-    handle = max_device("gpu", device.index or 0).default_queue.native_stream_handle
-    return torch.cuda.ExternalStream(handle, device=device)
+@cache
+def _queue_stream(index: int) -> torch.cuda.ExternalStream | None:
+    """MAX's queue on CUDA device ``index`` as a torch stream, or None if torch cannot use it."""
+    try:
+        handle = max_device("gpu", index).default_queue.native_stream_handle
+        stream = torch.cuda.ExternalStream(handle, device=torch.device("cuda", index))
+        stream.wait_stream(torch.cuda.current_stream(index))
+        return stream
+    except RuntimeError:
+        return None
+
+
+def time_on_queue(fn: Callable[[], object], index: int = 0) -> float:
+    """Microseconds between device events recorded on MAX's queue of CUDA device ``index`` around ``fn()``."""
+    device = max_device("gpu", index)
+    start, end = driver.DeviceEvent(device, enable_timing=True), driver.DeviceEvent(device, enable_timing=True)
+    device.default_queue.record_event(start)
+    fn()
+    device.default_queue.record_event(end)
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
 
 
 def transformed_matmul(
@@ -253,6 +279,23 @@ def transformed_matmul(
     with _Ordered(device, x.device):
         outs = model.execute(xin, *inputs.args())
     return tuple(torch.from_dlpack(out).to(x.dtype) for out in outs)
+
+
+def captured(x: torch.Tensor, inputs: KernelInputs, spec: KernelSpec, impl: Impl) -> Callable[[], None]:
+    """One impl on fixed CUDA buffers captured as a device graph (MAX's Model.capture); returns its replay.
+
+    Replays run on MAX's queue and rewrite the same output buffer; used to time kernels without launch overhead.
+    """
+    device = max_device("gpu", x.device.index or 0)
+    model = compiled((impl,), spec, x.dtype, device)
+    buffers = [driver.Buffer.from_dlpack(t) for t in (x.contiguous(), *inputs.args())]
+    key = next(_capture_keys)
+    with _Ordered(device, x.device):
+        model.capture(key, *buffers)
+    return lambda: model.replay(key, *buffers)
+
+
+_capture_keys = itertools.count(1)
 
 
 class MaxLinear(nn.Module):
