@@ -468,25 +468,29 @@ def launch_fused[
     var total = n_project + apply_blocks(s, m)
     var workspace = ctx.enqueue_create_buffer[DType.float32](max(P_SPLIT * s * k, 1))
     var t_parts = workspace.unsafe_ptr()
+    # sizes travel packed: a captured device graph takes at most 16 captured values per kernel
+    var dims = SIMD[DType.int64, 8](Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(total), 0)
 
     @__parameter
     def kernel[wide: Bool]():
         var red = stack_allocation[WARPS * 128, Float32, address_space=AddressSpace.SHARED]()
+        var s_, m_, n_, k_ = Int(dims[0]), Int(dims[1]), Int(dims[2]), Int(dims[3])
+        var n_project_, total_ = Int(dims[5]), Int(dims[6])
         var bid = Int(block_idx.x)
-        if bid < n_project:
-            project_block[br, gr, wide](bid, red, t_parts, x, r_data, r_scales, s, n, k)
+        if bid < n_project_:
+            project_block[br, gr, wide](bid, red, t_parts, x, r_data, r_scales, s_, n_, k_)
             barrier()
             if thread_idx.x == 0:
                 fence[Ordering.RELEASE, scope="device"]()
                 _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
         else:
             apply_block[bq, gq, bl, gl, wide, True](
-                bid - n_project, red, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
-                has_bias, sync, n_project,
+                bid - n_project_, red, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s_, m_, n_, k_,
+                dims[4] != 0, sync, n_project_,
             )
         if thread_idx.x == 0:
             var done = sync.unsafe_offset(1)
-            if Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1) == Int64(total - 1):
+            if Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1) == Int64(total_ - 1):
                 Atomic[Int64, scope="device"].store(sync, 0)
                 Atomic[Int64, scope="device"].store(done, 0)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runbook step 03, on the GPU host with MAX installed (../shared/gpu/README.md; pytest carried as wheels):
+# Runbook step 03, on the GPU host with MAX installed (../shared/gpu/README.md):
 # the kernels' GPU parity tests, then `caldera bench` at seq 1 and 128 on the default shapes (Qwen2-72B).
 # Results go to $OUT (the device tool's folder) or runbook/results. Each step is time-boxed so that a hung
 # launch cannot eat the whole lease.

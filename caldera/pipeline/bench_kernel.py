@@ -156,6 +156,19 @@ def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
     return graph.replay
 
 
+def _max_call(mg, x, inputs, spec, impl: str) -> Callable[[], object]:
+    """The replay of a captured device graph of the op, or eager execution if MAX cannot capture it."""
+    try:
+        return mg.captured(x, inputs, spec, impl)
+    except RuntimeError as e:
+        EAGER[impl] = str(e).splitlines()[0]
+        return lambda: mg.transformed_matmul(x, inputs, spec, (impl,))
+
+
+EAGER: dict[str, str] = {}
+"""impl -> why MAX could not capture it as a device graph (it then runs eagerly; said under the tables)."""
+
+
 def _cases(impl: str, modules: list[CompressedLinear], x: torch.Tensor, cfg: BenchConfig) -> list[Case]:
     """One Case per weight set for ``impl``."""
     gpu = cfg.device == "cuda"
@@ -167,7 +180,7 @@ def _cases(impl: str, modules: list[CompressedLinear], x: torch.Tensor, cfg: Ben
 
             inputs, spec = mg.KernelInputs.of(m, fuse_bias=False), mg.KernelSpec.of(m, cfg.device)
             run = lambda i=inputs, s=spec: mg.transformed_matmul(x, i, s, (impl,))[0]  # noqa: E731
-            call = mg.captured(x, inputs, spec, impl) if gpu else run
+            call = _max_call(mg, x, inputs, spec, impl) if gpu else run
             nbytes, on_max = m.nbytes(), gpu
         elif impl == "unfused_torch":
             run = lambda m=m: m(x)  # noqa: E731
@@ -245,7 +258,7 @@ def bench_shape(shape: tuple[int, int], cfg: BenchConfig, copy: float) -> list[B
         us = _median_us(cases, cfg)
         gbps = cases[0].nbytes / us / 1e3
         dtype = "fp16" if impl == "dense" and gpu else str(x.dtype).removeprefix("torch.")
-        timing = "device graph" if gpu else "perf_counter"
+        timing = ("eager" if impl in EAGER else "device graph") if gpu else "perf_counter"
         rows.append(
             BenchRow(
                 [out_f, in_f], cfg.seq, impl, device_name(cfg.device), us, gbps, 100 * gbps / copy, rel, dtype, timing
@@ -307,6 +320,7 @@ class BenchResult:
         lines += ["", f"Tokens/s of a {self.shapes.layers}-layer stack of these projections (seq {self.cfg.seq}):", ""]
         lines += ["| impl | tokens/s |", "|---|---:|"]
         lines += [f"| {impl} | {tps:.1f} |" for impl, tps in self.tokens_per_s.items()]
+        lines += [f"\n{impl} ran eagerly (no device graph): {why}" for impl, why in EAGER.items()]
         return "\n".join(lines) + "\n"
 
     def write(self, out: Path) -> list[Path]:
