@@ -37,8 +37,10 @@ def load_any(folder: Path | str, device: torch.device, dtype: torch.dtype, dense
 
         return load(folder, device=device, dtype=dtype, dense_weights=dense_weights)
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
     read_model_config(folder)
+    logging.disable_progress_bar()  # ours is on screen
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
