@@ -20,7 +20,7 @@ from std.math import ceildiv
 from std.atomic import Atomic, Ordering, fence
 from std.memory import AddressSpace, bitcast, stack_allocation
 
-from max.gpu import barrier, block_idx, lane_id, thread_idx, warp_id
+from max.gpu import barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
 from max.gpu.compute.mma import mma
 from max.gpu.host import DeviceContext
 
@@ -441,6 +441,7 @@ def launch_fused[
     dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int
 ](
     y: Pointer[mut=True, Scalar[dtype], _],
+    t_parts: Pointer[mut=True, Float32, _],
     x: Pointer[Scalar[dtype], _],
     q_codes: Pointer[UInt8, _],
     q_scales: Pointer[Float16, _],
@@ -459,6 +460,8 @@ def launch_fused[
 ) raises:
     """Both stages in one launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait.
 
+    t_parts (P_SPLIT, s, k) is the op's second output, a scratch buffer that the graph discards.
+
     Stage-1 blocks have the lower indices, so they are dispatched first and never wait: no deadlock whatever the
     grid size. They count themselves in sync[0]; stage-2 blocks read t after sync[0] = P (acquire). Every block
     then counts itself in sync[1], and the last one resets both counters for the next launch.
@@ -466,36 +469,36 @@ def launch_fused[
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
     var n_project = project_blocks(s, k) if k > 0 else 0
     var total = n_project + apply_blocks(s, m)
-    var workspace = ctx.enqueue_create_buffer[DType.float32](max(P_SPLIT * s * k, 1))
-    var t_parts = workspace.unsafe_ptr()
-    # sizes travel packed: a captured device graph takes at most 16 captured values per kernel
-    var dims = SIMD[DType.int64, 8](Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(total), 0)
 
+    # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
-    def kernel[wide: Bool]():
+    def kernel[wide: Bool](s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
         var red = stack_allocation[WARPS * 128, Float32, address_space=AddressSpace.SHARED]()
-        var s_, m_, n_, k_ = Int(dims[0]), Int(dims[1]), Int(dims[2]), Int(dims[3])
-        var n_project_, total_ = Int(dims[5]), Int(dims[6])
         var bid = Int(block_idx.x)
-        if bid < n_project_:
-            project_block[br, gr, wide](bid, red, t_parts, x, r_data, r_scales, s_, n_, k_)
+        var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
+        if bid < np:
+            project_block[br, gr, wide](bid, red, t_parts, x, r_data, r_scales, s, n, k)
             barrier()
             if thread_idx.x == 0:
                 fence[Ordering.RELEASE, scope="device"]()
                 _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
         else:
             apply_block[bq, gq, bl, gl, wide, True](
-                bid - n_project_, red, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s_, m_, n_, k_,
-                dims[4] != 0, sync, n_project_,
+                bid - np, red, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
+                has_bias_ != 0, sync, np,
             )
         if thread_idx.x == 0:
             var done = sync.unsafe_offset(1)
-            if Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1) == Int64(total_ - 1):
+            var arrived = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1)
+            if arrived == Int64(grid_dim.x) - 1:
                 Atomic[Int64, scope="device"].store(sync, 0)
                 Atomic[Int64, scope="device"].store(done, 0)
 
     if s <= SMALL_S:
-        ctx.enqueue_function[kernel[False]](grid_dim=total, block_dim=THREADS)
+        ctx.enqueue_function[kernel[False]](
+            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS
+        )
     else:
-        ctx.enqueue_function[kernel[True]](grid_dim=total, block_dim=THREADS)
-    _ = workspace^
+        ctx.enqueue_function[kernel[True]](
+            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS
+        )

@@ -29,13 +29,15 @@ def _check_parts[target: StaticString](parts: Int) raises:
 
 @extensibility.register("caldera_qlr_fused")
 struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
-    """`sync` (int64 (2,), zeros when created, then owned by the caller) orders the GPU launch's two phases."""
+    """`sync` (int64 (2,), zeros when created, then owned by the caller) orders the GPU launch's two phases;
+    `t` (P, s, k) float32 is scratch for x·Rᵀ (a second output that the graph discards)."""
 
     @staticmethod
     def execute[
         target: StaticString
     ](
         y: OutputTensor[rank=2, ...],
+        t: OutputTensor[dtype=DType.float32, rank=3, ...],
         x: InputTensor[dtype=y.dtype, rank=2, ...],
         q_codes: InputTensor[dtype=DType.uint8, rank=2, ...],
         q_scales: InputTensor[dtype=DType.float16, rank=2, ...],
@@ -49,9 +51,9 @@ struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
     ) raises:
         var s, n, m, k = x.dim_size(0), x.dim_size(1), q_codes.dim_size(0), r_data.dim_size(0)
         var has_bias = bias.dim_size(0) > 0
+        _check_parts[target](t.dim_size(0))
         comptime if target == "cpu":
             var xf = to_f32(x.unsafe_ptr(), s * n)
-            var t = List[Float32](length=max(s * k, 1), fill=0)
             if k > 0:
                 lr_project[Self.br, Self.gr](
                     t.unsafe_ptr(), xf.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), s, n, k
@@ -62,7 +64,7 @@ struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
             )
         else:
             launch_fused[Self.bq, Self.gq, Self.bl, Self.gl, Self.br, Self.gr](
-                y.unsafe_ptr(), x.unsafe_ptr(), q_codes.unsafe_ptr(), q_scales.unsafe_ptr(), l_data.unsafe_ptr(),
+                y.unsafe_ptr(), t.unsafe_ptr(), x.unsafe_ptr(), q_codes.unsafe_ptr(), q_scales.unsafe_ptr(), l_data.unsafe_ptr(),
                 l_scales.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), bias.unsafe_ptr(),
                 sync.unsafe_ptr(), s, m, n, k, has_bias, ctx,
             )

@@ -41,6 +41,10 @@ T_PARTS_GPU = 4
 
 _DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
 
+# MAX's device memory manager reserves most of a GPU by default; here torch holds the weights and MAX only the
+# ops' outputs and scratch, so it gets a tenth unless the caller says otherwise (read when a device is created).
+os.environ.setdefault("MODULAR_DEVICE_CONTEXT_MEMORY_MANAGER_SIZE_PERCENT", "10")
+
 
 class Unsupported(ValueError):
     """The kernels cannot run this linear here; the message says why (callers fall back to the PyTorch path)."""
@@ -183,12 +187,12 @@ def build_graph(impls: tuple[Impl, ...], spec: KernelSpec, dtype: DType, device:
         sync = g.inputs[8].buffer
         y_type = tensor(dtype, x.shape[0], qc.shape[0])
         outputs = []
+        t_type = tensor(f32, parts, x.shape[0], rd.shape[0])  # x̃ Rᵀ, P partial sums
         for impl in impls:
             if impl == "fused":
-                values = [x, qc, qs, ld, ls, rd, rs, bias, sync]
-                y = ops.inplace_custom("caldera_qlr_fused", ref, values, [y_type], spec.parameters("q", "l", "r"))
+                values, params = [x, qc, qs, ld, ls, rd, rs, bias, sync], spec.parameters("q", "l", "r")
+                y = ops.inplace_custom("caldera_qlr_fused", ref, values, [y_type, t_type], params)
             else:
-                t_type = tensor(f32, parts, x.shape[0], rd.shape[0])
                 t = ops.custom("caldera_lr_project", ref, [x, rd, rs], [t_type], spec.parameters("r"))[0]
                 y = ops.custom(
                     "caldera_qlr_apply", ref, [x, t, qc, qs, ld, ls, bias], [y_type], spec.parameters("q", "l")
