@@ -23,8 +23,9 @@ def settings(result: dict[str, Any]) -> str:
     """'2/4/4/r64/g64' (BQ/BL/BR/rank/group) of an eval result, '16' for an uncompressed model."""
     if result.get("method") in (None, "dense"):
         return "16 (original)"
-    rank = f"r{result['rank']}" if result["method"] == "caldera" else "r0"
-    return f"{result['bq']}/{result['bl']}/{result['br']}/{rank}/g{result['group_size']}"
+    if result["method"] != "caldera" or not result["rank"]:
+        return f"{result['bq']}/–/–/r0/g{result['group_size']}"
+    return f"{result['bq']}/{result['bl']}/{result['br']}/r{result['rank']}/g{result['group_size']}"
 
 
 def error_summary(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -120,7 +121,7 @@ def quality_table(results: Sequence[dict[str, Any]]) -> str:
     ]
     base = next((r["baseline_ppl"] for r in results if r.get("baseline_ppl") is not None), None)
     if base is not None:
-        lines.append(f"| original | 16 | 16 | 16 | {base:.3f} | |")
+        lines.append(f"| original | fp16 | 16 | 16 | {base:.3f} | |")
     for r in sorted(results, key=lambda r: r["ppl"]):
         lines.append(
             f"| {r.get('method') or 'dense'} | {settings(r)} | {_fmt(r['bits_per_weight'], '.3f')} | "

@@ -92,7 +92,7 @@ def test_report_compares_several_models(evaluated, tmp_path):
     result = runner.invoke(app, ["report", *folders, "--out", str(tmp_path / "cmp"), "--json"])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| original | 16 |" in table and "| rtn | 2/4/4/r0/g64 |" in table
+    assert "| original | fp16 |" in table and "| rtn | 2/–/–/r0/g64 |" in table
     assert (tmp_path / "cmp" / "ppl_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
     missing = runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "run caldera eval --model" in missing.stderr
