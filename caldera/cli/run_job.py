@@ -34,7 +34,8 @@ def method_tag(cfg) -> str:
     tag = f"{cfg.method.value}-q{cfg.bq}"
     if cfg.rank:
         tag += f"-l{cfg.bl}-r{cfg.br}-k{cfg.rank}"
-    return tag + f"-g{cfg.group_size}" + (f"-i{cfg.iters}" if cfg.rank else "")
+    tag += f"-g{cfg.group_size}" + (f"-i{cfg.iters}" if cfg.rank else "")
+    return tag + ("" if cfg.damping == 0.01 else f"-d{cfg.damping:g}")
 
 
 def default_workdir(model: Path, calibration: dict) -> Path:
@@ -98,6 +99,7 @@ def run_job(
     rank: Annotated[int, typer.Option(help="Rank of L·R (caldera; clamped to min(m, n)).")] = 256,
     group_size: Annotated[int, typer.Option(help="Q's group along the input dimension.")] = 64,
     iters: Annotated[int, typer.Option(help="CALDERA rounds.")] = DECOMPOSE_ITERS,
+    damping: Annotated[float, typer.Option(help="LDLQ damping, relative to H's mean diagonal.")] = 0.01,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = DECOMPOSE_SAMPLES,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = DECOMPOSE_SEQ_LEN,
     calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
@@ -123,7 +125,9 @@ def run_job(
     eval_settings = {"data": eval_data, "seq_len": eval_seq_len, "max_tokens": max_tokens, "device": device}
     try:
         configs = [
-            DecomposeConfig.for_method(m.strip(), bq=bq, bl=bl, br=br, rank=rank, group_size=group_size, iters=iters)
+            DecomposeConfig.for_method(
+                m.strip(), bq=bq, bl=bl, br=br, rank=rank, group_size=group_size, iters=iters, damping=damping
+            )
             for m in methods.split(",")
         ]
         folder = model if model is not None else default_model_dir()
