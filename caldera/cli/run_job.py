@@ -3,7 +3,8 @@ quality table (method | BQ/BL/BR/rank/group | bits per weight | ppl | delta %).
 
     WORK/<tag>/run      the method's run directory (Hessians hard-linked from the first method's run)
     WORK/<tag>/model    its export, with model/report/ from caldera eval
-    WORK/comparison.*   the quality table (JSON, Markdown) and ppl_vs_bits.png
+    WORK/comparison.*   the quality table (JSON, Markdown) and ppl_vs_bits.png of every method evaluated in WORK
+                        with the same evaluation settings (earlier invocations included)
 
 Every stage resumes: rerunning the same command after Ctrl-C or kill -9 skips finished layers, exports that
 verify, and evaluations already reported with the same evaluation settings.
@@ -61,6 +62,19 @@ def _num_layers(run) -> int:
     from caldera.io.model_folder import read_model_config
 
     return read_model_config(run.read_spec()["calibration"]["model"])["num_hidden_layers"]
+
+
+def _job_results(work: Path, ran: list[dict]) -> list[dict]:
+    """This invocation's results and those of earlier ones in the job folder made with the same evaluation
+    settings (so the table grows as methods are added with more `caldera run --methods ...` calls)."""
+    tags = {r["tag"] for r in ran}
+    out = list(ran)
+    for path in sorted(work.glob("*/model/report/eval.json")):
+        tag = path.parents[2].name
+        result = json.loads(path.read_text())
+        if tag not in tags and result.get("job_settings") == ran[0].get("job_settings"):
+            out.append(result | {"tag": tag})
+    return out
 
 
 def _export_once(run: Path, out: Path, embed_bits: int) -> None:
@@ -150,10 +164,13 @@ def run_job(
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume", highlight=False)
         raise typer.Exit(130) from None
+    ran, results = len(results), _job_results(work, results)
     files = write_comparison(results, work)
-    summary = {"workdir": str(work), "methods": len(results), "seconds": time.perf_counter() - start}
+    summary = {"workdir": str(work), "ran": ran, "methods": len(results), "seconds": time.perf_counter() - start}
     if json_out:
         emit({"summary": summary | {"files": [str(f) for f in files]}})
         return
     err_console.print(quality_table(results), highlight=False, soft_wrap=True)
-    err_console.print(f"{len(results)} methods in {summary['seconds'] / 60:.1f} min; {work}", highlight=False)
+    err_console.print(
+        f"{ran} methods in {summary['seconds'] / 60:.1f} min; table: {work / 'comparison.md'}", highlight=False
+    )

@@ -38,3 +38,9 @@ def test_whole_job_on_a_tiny_model_then_resume(qwen2_dir, calib_file, tmp_path, 
     assert {line["tag"]: line["result"]["ppl"] for line in _lines(again.stdout) if "tag" in line} == {
         tag: r["ppl"] for tag, r in results.items()
     }
+    more = runner.invoke(app, [*args[: args.index("--methods")], "--methods", "gptq", *args[args.index("--rank") :]])
+    assert more.exit_code == 0, more.output  # another method later: calibration reused, the table grows
+    table = (job / "comparison.md").read_text()
+    assert all(f"| {m} |" in table for m in ("caldera", "rtn", "gptq"))
+    summary = _lines(more.stdout)[-1]["summary"]
+    assert summary["ran"] == 1 and summary["methods"] == 3
