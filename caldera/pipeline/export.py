@@ -10,7 +10,7 @@
                                             metadata, shared incoherence blocks) and their norms in fp16
     OUT/model.safetensors.index.json        tensor name -> shard (a shared block: the first shard holding it),
                                             total_size (bytes of every stored tensor)
-    OUT/caldera_metrics.json                per layer and projection: act_err, fro_err, bits per weight, rank, seconds
+    OUT/caldera_metrics.json                per layer and projection: act_err, fro_err, bits per weight, rank
     OUT/manifest.json                       sha256 and size of every other file; ``verify(OUT)`` checks them
     OUT/report/                             written later by ``caldera eval`` (not in the manifest)
 
@@ -221,8 +221,16 @@ def quantization_config(spec: dict[str, Any], embed_bits: int, tied: bool) -> di
 
 
 def _layer_metrics(run: RunDir, num_layers: int) -> dict[str, Any]:
-    """{"layers": [{"layer": i, "proj": {proj: act_err, fro_err, bits_per_weight, rank, seconds, ...}}]}."""
-    layers = [{"layer": i, "proj": json.loads(layer_header(run, i)[METRICS_KEY])} for i in range(num_layers)]
+    """{"layers": [{"layer": i, "proj": {proj: act_err, fro_err, bits_per_weight, rank, damping, history}}]}.
+
+    Timings are left out: the export is a function of the run's results alone (a resumed run exports the same
+    bytes as an uninterrupted one)."""
+    layers = []
+    for i in range(num_layers):
+        metrics = json.loads(layer_header(run, i)[METRICS_KEY])
+        layers.append(
+            {"layer": i, "proj": {p: {k: v for k, v in m.items() if k != "seconds"} for p, m in metrics.items()}}
+        )
     return {"layers": layers}
 
 
