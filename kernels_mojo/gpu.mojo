@@ -32,8 +32,6 @@ comptime SMALL_S = 8
 """Token counts up to this use the split-K launch with one 8-token tile."""
 comptime NT_WIDE = 8
 """8-token tiles per pass of the wide launch (64 tokens)."""
-comptime ACC_SETS = 4
-"""Accumulator sets a warp rotates through with one token tile, so that successive mmas are independent."""
 
 
 @always_inline
@@ -134,110 +132,6 @@ def fp16_pair[dtype: DType](word: UInt32) -> SIMD[dtype, 2]:
 
 
 @always_inline
-def load_step[
-    bits: Int, group: Int, dtype: DType
-](
-    data: Pointer[UInt8, _],
-    scales: Pointer[Float16, _],
-    ra: Int,
-    rb: Int,
-    nrows: Int,
-    row_bytes: Int,
-    groups: Int,
-    col0: Int,
-    aligned: Bool,
-) -> Tuple[SIMD[DType.uint32, 8], SIMD[dtype, 4]]:
-    """A thread's codes of rows ra and rb for the chunk at col0 (8 words), and their two scales."""
-    var byte0 = col0 * bits // 8
-    var wa = load16(data.unsafe_offset(ra * row_bytes), byte0, row_bytes, ra < nrows, aligned)
-    var wb = load16(data.unsafe_offset(rb * row_bytes), byte0, row_bytes, rb < nrows, aligned)
-    var sa, sb = Scalar[dtype](0), Scalar[dtype](0)
-    comptime if bits < 16:
-        var gi = col0 // group
-        if gi < groups and ra < nrows:
-            sa = scales[unsafe_offset=ra * groups + gi].cast[dtype]()
-        if gi < groups and rb < nrows:
-            sb = scales[unsafe_offset=rb * groups + gi].cast[dtype]()
-    return (wa.join(wb), SIMD[dtype, 4](sa, sa, sb, sb))
-
-
-@always_inline
-def mma_step[
-    bits: Int, NT: Int, SETS: Int, dtype: DType, from_t: Bool
-](
-    mut acc: SIMD[DType.float32, 4 * NT * SETS],
-    codes: SIMD[DType.uint32, 8],
-    scale: SIMD[dtype, 4],
-    col0: Int,
-    ncols: Int,
-    x: Pointer[Scalar[dtype], _],
-    t_parts: Pointer[Float32, _],
-    s: Int,
-    tok0: Int,
-):
-    """The mmas of one K step: A from the thread's codes, B from the activations at the chunk's columns.
-
-    Successive mmas of a token tile go to SETS accumulator sets in turn, so that they do not wait on each other.
-    """
-    comptime chunk = chunk_cols[bits]()
-    comptime offset = Float32((1 << bits) - 1) / 2
-    var g = Int(lane_id()) // 4
-    var sa, sb = scale.slice[2](), scale.slice[2, offset=2]()
-    var sha, shb = sa * Scalar[dtype](-offset), sb * Scalar[dtype](-offset)
-    var x_aligned = ncols % 8 == 0
-    comptime words = 1 if bits == 16 else 4  # word blocks per chunk (fp16: the chunk is one block)
-    comptime block_cols = chunk // words  # 16 (2-bit), 8 (4-bit or fp16)
-    comptime mmas = block_cols // 4  # per block: 4, 2, 2
-    comptime for blk in range(words):
-        # activations first (all token tiles: independent loads in flight together), natural column pairs
-        var col = col0 + blk * block_cols
-        var nat = SIMD[DType.uint32, 8 * NT](0)
-        comptime for nt in range(NT):
-            var token = tok0 + nt * 8 + g
-            var n0: SIMD[DType.uint32, 4]
-            var n1 = SIMD[DType.uint32, 4](0)
-            comptime if from_t:
-                n0 = load_t8[dtype](t_parts, token, col, s, ncols)
-                comptime if block_cols == 16:
-                    n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
-            else:
-                n0 = load_x8[dtype](x, token, col, s, ncols, x_aligned)
-                comptime if block_cols == 16:
-                    n1 = load_x8[dtype](x, token, col + 8, s, ncols, x_aligned)
-            nat = nat.insert[offset = 8 * nt](n0.join(n1))
-        comptime for h in range(mmas):
-            # A: [row g lo pair, row g+8 lo pair, row g hi pair, row g+8 hi pair]
-            var a: SIMD[dtype, 8]
-            comptime if bits == 16:
-                a = (fp16_pair[dtype](codes[2 * h]).join(fp16_pair[dtype](codes[4 + 2 * h]))).join(
-                    fp16_pair[dtype](codes[2 * h + 1]).join(fp16_pair[dtype](codes[4 + 2 * h + 1]))
-                )
-            else:
-                a = (
-                    decode_pair[bits, dtype](codes[blk], 2 * h, sa, sha).join(
-                        decode_pair[bits, dtype](codes[4 + blk], 2 * h, sb, shb)
-                    )
-                ).join(
-                    decode_pair[bits, dtype](codes[blk], 2 * h + 1, sa, sha).join(
-                        decode_pair[bits, dtype](codes[4 + blk], 2 * h + 1, sb, shb)
-                    )
-                )
-            comptime for nt in range(NT):
-                if nt * 8 < s - tok0:  # warp-uniform: skip tiles past the last token
-                    var b: SIMD[dtype, 4]
-                    comptime if bits == 16:
-                        b = half2[dtype](nat[8 * nt + 2 * h]).join(half2[dtype](nat[8 * nt + 2 * h + 1]))
-                    else:
-                        comptime d2 = block_cols // 4  # word distance between columns j and j + block_cols/2
-                        var lo, hi = nat[8 * nt + h], nat[8 * nt + h + d2]
-                        b = half2[dtype](pair_lo(lo, hi)).join(half2[dtype](pair_hi(lo, hi)))
-                    comptime at = 4 * (nt * SETS + (blk * mmas + h) % SETS)
-                    var d = acc.slice[4, offset=at]()
-                    mma(d, a, b, d)
-                    acc = acc.insert[offset=at](d)
-
-
-@always_inline
 def warp_part[
     bits: Int, group: Int, NT: Int, dtype: DType, from_t: Bool
 ](
@@ -259,36 +153,81 @@ def warp_part[
     W: one stored part (nrows × ncols; `bits` 2 or 4 packed with fp16 scales per `group`, or 16 = fp16 values).
     B: x (s, ncols) in `dtype`, or with `from_t` the float32 partial sums t_parts (P_SPLIT, s, ncols).
     acc[4·nt : 4·nt + 4] is the mma C fragment of token tile nt: rows (g, g + 8) × tokens (2q, 2q + 1).
-    The next step's codes are loaded before this step's mmas (one step of lookahead).
     """
     comptime assert bits == 2 or bits == 4 or bits == 16, "GPU parts are 2-, 4-bit or fp16"
     comptime chunk = chunk_cols[bits]()
-    comptime SETS = ACC_SETS if NT == 1 else 1
-    var q = Int(lane_id()) % 4
-    var ra = row0 + Int(lane_id()) // 4
+    comptime offset = Float32((1 << bits) - 1) / 2
+    var lane = Int(lane_id())
+    var g, q = lane // 4, lane % 4
     var row_bytes = ceildiv(ncols * bits, 8)
     var groups = ceildiv(ncols, group) if bits < 16 else 0
-    var aligned = row_bytes % 16 == 0
+    var ra, rb = row0 + g, row0 + g + 8
+    var aligned, x_aligned = row_bytes % 16 == 0, ncols % 8 == 0
+    var pa = data.unsafe_offset(ra * row_bytes)
+    var pb = data.unsafe_offset(rb * row_bytes)
     var nsteps = ceildiv(ncols, step_cols[bits]())
-    var sets = SIMD[DType.float32, 4 * NT * SETS](0)
-    var step = step0
-    var col0 = step * step_cols[bits]() + q * chunk
-    var cur = (SIMD[DType.uint32, 8](0), SIMD[dtype, 4](0))
-    if step < nsteps:
-        cur = load_step[bits, group, dtype](data, scales, ra, ra + 8, nrows, row_bytes, groups, col0, aligned)
-    while step < nsteps:
-        var next_step = step + step_stride
-        var next_col0 = next_step * step_cols[bits]() + q * chunk
-        var nxt = (SIMD[DType.uint32, 8](0), SIMD[dtype, 4](0))
-        if next_step < nsteps:
-            nxt = load_step[bits, group, dtype](data, scales, ra, ra + 8, nrows, row_bytes, groups, next_col0, aligned)
-        mma_step[bits, NT, SETS, dtype, from_t](sets, cur[0], cur[1], col0, ncols, x, t_parts, s, tok0)
-        cur, step, col0 = nxt, next_step, next_col0
-    comptime for nt in range(NT):
-        var total = acc.slice[4, offset = 4 * nt]()
-        comptime for st in range(SETS):
-            total += sets.slice[4, offset = 4 * (nt * SETS + st)]()
-        acc = acc.insert[offset = 4 * nt](total)
+    for step in range(step0, nsteps, step_stride):
+        var col0 = step * step_cols[bits]() + q * chunk
+        var wa = load16(pa, col0 * bits // 8, row_bytes, ra < nrows, aligned)
+        var wb = load16(pb, col0 * bits // 8, row_bytes, rb < nrows, aligned)
+        var sa, sb = SIMD[dtype, 2](0), SIMD[dtype, 2](0)
+        comptime if bits < 16:
+            var gi = col0 // group
+            if gi < groups and ra < nrows:
+                sa = SIMD[dtype, 2](scales[unsafe_offset=ra * groups + gi].cast[dtype]())
+            if gi < groups and rb < nrows:
+                sb = SIMD[dtype, 2](scales[unsafe_offset=rb * groups + gi].cast[dtype]())
+        var sha, shb = sa * Scalar[dtype](-offset), sb * Scalar[dtype](-offset)
+        comptime words = 1 if bits == 16 else 4  # word blocks per chunk (fp16: the chunk is one block)
+        comptime block_cols = chunk // words  # 16 (2-bit), 8 (4-bit or fp16)
+        comptime mmas = block_cols // 4  # per block: 4, 2, 2
+        comptime for blk in range(words):
+            # A fragments of this block's mmas: [row g lo, row g+8 lo, row g hi, row g+8 hi]
+            var a_frag = SIMD[dtype, 8 * mmas](0)
+            comptime for h in range(mmas):
+                var a: SIMD[dtype, 8]
+                comptime if bits == 16:
+                    a = (fp16_pair[dtype](wa[2 * h]).join(fp16_pair[dtype](wb[2 * h]))).join(
+                        fp16_pair[dtype](wa[2 * h + 1]).join(fp16_pair[dtype](wb[2 * h + 1]))
+                    )
+                else:
+                    a = (
+                        decode_pair[bits, dtype](wa[blk], 2 * h, sa, sha).join(
+                            decode_pair[bits, dtype](wb[blk], 2 * h, sb, shb)
+                        )
+                    ).join(
+                        decode_pair[bits, dtype](wa[blk], 2 * h + 1, sa, sha).join(
+                            decode_pair[bits, dtype](wb[blk], 2 * h + 1, sb, shb)
+                        )
+                    )
+                a_frag = a_frag.insert[offset = 8 * h](a)
+            var col = col0 + blk * block_cols
+            comptime for nt in range(NT):
+                if nt * 8 < s - tok0:  # warp-uniform: skip tiles past the last token
+                    var token = tok0 + nt * 8 + g
+                    var n0: SIMD[DType.uint32, 4]
+                    var n1 = SIMD[DType.uint32, 4](0)
+                    comptime if from_t:
+                        n0 = load_t8[dtype](t_parts, token, col, s, ncols)
+                        comptime if block_cols == 16:
+                            n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
+                    else:
+                        n0 = load_x8[dtype](x, token, col, s, ncols, x_aligned)
+                        comptime if block_cols == 16:
+                            n1 = load_x8[dtype](x, token, col + 8, s, ncols, x_aligned)
+                    var nat = n0.join(n1)  # words of natural column pairs (0,1), (2,3), ...
+                    var d = acc.slice[4, offset = 4 * nt]()
+                    comptime for h in range(mmas):
+                        var b: SIMD[dtype, 4]
+                        comptime if bits == 16:
+                            b = half2[dtype](nat[2 * h]).join(half2[dtype](nat[2 * h + 1]))
+                        else:
+                            comptime d2 = block_cols // 4  # word distance between columns j and j + block_cols/2
+                            b = half2[dtype](pair_lo(nat[h], nat[h + d2])).join(
+                                half2[dtype](pair_hi(nat[h], nat[h + d2]))
+                            )
+                        mma(d, a_frag.slice[8, offset = 8 * h](), b, d)
+                    acc = acc.insert[offset = 4 * nt](d)
 
 
 @always_inline
