@@ -38,6 +38,9 @@ def decompose(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = DECOMPOSE_SEQ_LEN,
     calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
     damping: Annotated[float, typer.Option(help="LDLQ damping, relative to H's mean diagonal.")] = 0.01,
+    zero_point: Annotated[
+        bool, typer.Option(help="Asymmetric grid with uint8 zero points (the usual GPTQ/RTN grid; counted in bits).")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Base seed; each matrix derives its own from (seed, layer, name).")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -53,7 +56,16 @@ def decompose(
     start, results = time.perf_counter(), []
     try:
         cfg = DecomposeConfig.for_method(
-            method, bq=bq, bl=bl, br=br, rank=rank, group_size=group_size, iters=iters, seed=seed, damping=damping
+            method,
+            bq=bq,
+            bl=bl,
+            br=br,
+            rank=rank,
+            group_size=group_size,
+            iters=iters,
+            seed=seed,
+            damping=damping,
+            zero_point=zero_point,
         )
         calibration = {"samples": samples, "seq_len": seq_len, "calib": calib}
         run_dir = decompose_run(model, run, layers, device, cfg, calibration, json_out, results)

@@ -36,7 +36,7 @@ def method_tag(cfg) -> str:
     if cfg.rank:
         tag += f"-l{cfg.bl}-r{cfg.br}-k{cfg.rank}"
     tag += f"-g{cfg.group_size}" + (f"-i{cfg.iters}" if cfg.rank else "")
-    return tag + ("" if cfg.damping == 0.01 else f"-d{cfg.damping:g}")
+    return tag + ("" if cfg.damping == 0.01 else f"-d{cfg.damping:g}") + ("-z" if cfg.zero_point else "")
 
 
 def default_workdir(model: Path, calibration: dict) -> Path:
@@ -114,6 +114,9 @@ def run_job(
     group_size: Annotated[int, typer.Option(help="Q's group along the input dimension.")] = 64,
     iters: Annotated[int, typer.Option(help="CALDERA rounds.")] = DECOMPOSE_ITERS,
     damping: Annotated[float, typer.Option(help="LDLQ damping, relative to H's mean diagonal.")] = 0.01,
+    zero_point: Annotated[
+        bool, typer.Option(help="Asymmetric grid with uint8 zero points (the usual GPTQ/RTN grid; counted in bits).")
+    ] = False,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = DECOMPOSE_SAMPLES,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = DECOMPOSE_SEQ_LEN,
     calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
@@ -140,7 +143,15 @@ def run_job(
     try:
         configs = [
             DecomposeConfig.for_method(
-                m.strip(), bq=bq, bl=bl, br=br, rank=rank, group_size=group_size, iters=iters, damping=damping
+                m.strip(),
+                bq=bq,
+                bl=bl,
+                br=br,
+                rank=rank,
+                group_size=group_size,
+                iters=iters,
+                damping=damping,
+                zero_point=zero_point,
             )
             for m in methods.split(",")
         ]
