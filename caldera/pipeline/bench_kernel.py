@@ -319,7 +319,7 @@ class BenchResult:
             )
         lines += ["", f"Tokens/s of a {self.shapes.layers}-layer stack of these projections (seq {self.cfg.seq}):", ""]
         lines += ["| impl | tokens/s |", "|---|---:|"]
-        lines += [f"| {impl} | {tps:.1f} |" for impl, tps in self.tokens_per_s.items()]
+        lines += [f"| {impl} | {tps:.3g} |" for impl, tps in self.tokens_per_s.items()]
         lines += [f"\n{impl} ran eagerly (no device graph): {why}" for impl, why in EAGER.items()]
         return "\n".join(lines) + "\n"
 

@@ -336,3 +336,19 @@ class MaxLinear(nn.Module):
             ys = tuple(m._transform("out", x.dtype).inverse(y) for y in ys)
             ys = ys if m.bias is None else tuple(y + m.bias.to(x.dtype) for y in ys)
         return tuple(y.reshape(*lead, m.out_features) for y in ys)
+
+
+def use_max(model: nn.Module, impl: Impl = "fused") -> dict[str, str]:
+    """Route every CompressedLinear of ``model`` through MAX (replaced in place by a MaxLinear around it).
+
+    Returns {module name: reason} for the layers the kernels cannot run, which keep their PyTorch forward.
+    """
+    fallbacks = {}
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CompressedLinear):
+                layer = MaxLinear(child, impl)
+                setattr(parent, name, layer)
+                if layer.reason:
+                    fallbacks[f"{parent_name}.{name}".lstrip(".")] = layer.reason
+    return fallbacks

@@ -58,6 +58,20 @@ def test_leading_dimensions_and_repeated_calls():
     assert rel_err(first[0], doc_forward(tensors, "linear", meta, x)) < 1e-5
 
 
+def test_a_model_routed_through_max():
+    """``use_max`` swaps a model's compressed linears in place; the unsupported one keeps PyTorch."""
+    parts = [
+        random_packed_linear(48, 96, rank=8, seed=20),
+        random_packed_linear(96, 48, rank=8, zero_point=True, seed=21),
+    ]
+    model = torch.nn.Sequential(*(CompressedLinear(t, "linear", meta) for t, meta in parts))
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(22))
+    reference = model(x).double()
+    assert mg.use_max(model) == {"1": "q: zero points are not supported by the kernels"}
+    assert isinstance(model[0], mg.MaxLinear) and model[0].reason is None
+    assert rel_err(model(x), reference) < 1e-5
+
+
 def test_unsupported_layers_fall_back_to_pytorch():
     tensors, meta = random_packed_linear(64, 96, rank=8, zero_point=True, seed=14)
     module = CompressedLinear(tensors, "linear", meta)
