@@ -73,8 +73,14 @@ def _job_results(work: Path, ran: list[dict]) -> list[dict]:
         tag = path.parents[2].name
         result = json.loads(path.read_text())
         if tag not in tags and result.get("job_settings") == ran[0].get("job_settings"):
-            out.append(result | {"tag": tag})
+            out.append(result | {"tag": tag} | _settings_of(path.parents[1]))
     return out
+
+
+def _settings_of(model: Path) -> dict:
+    """zero_point and damping of an export (eval.json files written before they were recorded lack them)."""
+    qc = json.loads((model / "config.json").read_text())["quantization_config"]
+    return {"zero_point": qc["zero_point"], "damping": qc["decompose"]["damping"]}
 
 
 def _export_once(run: Path, out: Path, embed_bits: int) -> None:
@@ -167,7 +173,7 @@ def run_job(
             decompose_run(folder, run.root, None, device, cfg, calibration, json_out, [])
             _export_once(run.root, out, embed_bits)
             result = _eval_once(out, eval_settings | {"data": [str(p) for p in eval_data or []]}, folder, json_out)
-            results.append(result | {"tag": tag})
+            results.append(result | {"tag": tag} | _settings_of(out))
             if json_out:
                 emit({"tag": tag, "result": results[-1]})
     except (*decompose_errors(), *eval_errors(), ExportError, ValueError) as e:

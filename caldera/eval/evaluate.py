@@ -59,6 +59,8 @@ def size_stats(folder: Path | str) -> dict[str, Any]:
             **{k: qc[k] for k in SETTING_KEYS},
             "rank": rank,
             "embed_bits": qc["embed_bits"],
+            "zero_point": qc["zero_point"],
+            "damping": qc["decompose"]["damping"],
         }
     reader = ShardReader(folder)
     params = sum(math.prod(i.shape) for i in reader.info.values())

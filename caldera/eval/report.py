@@ -20,12 +20,16 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def settings(result: dict[str, Any]) -> str:
-    """'2/4/4/r64/g64' (BQ/BL/BR/rank/group) of an eval result, '16' for an uncompressed model."""
+    """'2/4/4/r64/g64' (BQ/BL/BR/rank/group, then /zp for zero points, /d0.1 for a non-default damping) of an
+    eval result, '16 (original)' for an uncompressed model."""
     if result.get("method") in (None, "dense"):
         return "16 (original)"
+    extra = ("/zp" if result.get("zero_point") else "") + (
+        f"/d{result['damping']:g}" if result.get("damping", 0.01) != 0.01 else ""
+    )
     if result["method"] != "caldera" or not result["rank"]:
-        return f"{result['bq']}/–/–/r0/g{result['group_size']}"
-    return f"{result['bq']}/{result['bl']}/{result['br']}/r{result['rank']}/g{result['group_size']}"
+        return f"{result['bq']}/–/–/r0/g{result['group_size']}{extra}"
+    return f"{result['bq']}/{result['bl']}/{result['br']}/r{result['rank']}/g{result['group_size']}{extra}"
 
 
 def error_summary(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
