@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from caldera.cli.common import TEXTS_HELP, JsonOpt, app, emit, err_console, fail, progress_bar
+from caldera.cli.common import TEXTS_HELP, JsonOpt, ModelOpt, app, emit, err_console, fail, progress_bar
 
 
 @app.command("calibrate")
 def calibrate(
     run: Annotated[Path, typer.Option(help="Run directory: hessians/layer_NNN.safetensors and run.json (resumable).")],
-    model: Annotated[Path | None, typer.Option(help="Local HF Llama/Qwen2 folder (default: embedded model).")] = None,
+    model: ModelOpt = None,
     data: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,6 +25,12 @@ def _root() -> None:
 
 
 TEXTS_HELP = ".txt or .jsonl file, or a datasets name: wikitext2, wikitext2-train, c4 (repeatable)."
+ModelOpt = Annotated[Path | None, typer.Option(help="Local HF Llama/Qwen2 folder (default: embedded model).")]
+GroupSizeOpt = Annotated[int, typer.Option(help="Q's group along the input dimension.")]
+DampingOpt = Annotated[float, typer.Option(help="LDLQ damping, relative to H's mean diagonal.")]
+ZeroPointOpt = Annotated[
+    bool, typer.Option(help="Asymmetric grid with uint8 zero points (the usual GPTQ/RTN grid; counted in bits).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
 
 

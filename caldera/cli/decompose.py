@@ -9,7 +9,20 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from caldera.cli.common import TEXTS_HELP, JsonOpt, app, emit, err_console, fail, progress_bar, say
+from caldera.cli.common import (
+    TEXTS_HELP,
+    DampingOpt,
+    GroupSizeOpt,
+    JsonOpt,
+    ModelOpt,
+    ZeroPointOpt,
+    app,
+    emit,
+    err_console,
+    fail,
+    progress_bar,
+    say,
+)
 
 DECOMPOSE_SAMPLES = 64
 DECOMPOSE_SEQ_LEN = 256
@@ -21,7 +34,7 @@ DECOMPOSE_ITERS = 4
 
 @app.command("decompose")
 def decompose(
-    model: Annotated[Path | None, typer.Option(help="Local HF Llama/Qwen2 folder (default: embedded model).")] = None,
+    model: ModelOpt = None,
     run: Annotated[
         Path | None, typer.Option(help="Run directory, resumable (default: one per model and settings in the cache).")
     ] = None,
@@ -30,17 +43,15 @@ def decompose(
     bl: Annotated[int, typer.Option(help="Bits of L (16: fp16).")] = 4,
     br: Annotated[int, typer.Option(help="Bits of R (16: fp16).")] = 4,
     rank: Annotated[int, typer.Option(help="Rank of L·R, caldera only (clamped to min(m, n)).")] = 256,
-    group_size: Annotated[int, typer.Option(help="Q's group along the input dimension.")] = 64,
+    group_size: GroupSizeOpt = 64,
     iters: Annotated[int, typer.Option(help="CALDERA rounds (the best round is kept).")] = DECOMPOSE_ITERS,
     layers: Annotated[str | None, typer.Option(help="Decoder layers, e.g. 0-3,5 (default: all).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     samples: Annotated[int, typer.Option(help="Calibration windows (if RUN has no Hessians yet).")] = DECOMPOSE_SAMPLES,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = DECOMPOSE_SEQ_LEN,
     calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
-    damping: Annotated[float, typer.Option(help="LDLQ damping, relative to H's mean diagonal.")] = 0.01,
-    zero_point: Annotated[
-        bool, typer.Option(help="Asymmetric grid with uint8 zero points (the usual GPTQ/RTN grid; counted in bits).")
-    ] = False,
+    damping: DampingOpt = 0.01,
+    zero_point: ZeroPointOpt = False,
     seed: Annotated[int, typer.Option(help="Base seed; each matrix derives its own from (seed, layer, name).")] = 0,
     json_out: JsonOpt = False,
 ) -> None:

@@ -20,7 +20,19 @@ from typing import Annotated
 
 import typer
 
-from caldera.cli.common import TEXTS_HELP, JsonOpt, app, emit, err_console, fail, say
+from caldera.cli.common import (
+    TEXTS_HELP,
+    DampingOpt,
+    GroupSizeOpt,
+    JsonOpt,
+    ModelOpt,
+    ZeroPointOpt,
+    app,
+    emit,
+    err_console,
+    fail,
+    say,
+)
 from caldera.cli.decompose import DECOMPOSE_ITERS, DECOMPOSE_SAMPLES, DECOMPOSE_SEQ_LEN, decompose_errors, decompose_run
 from caldera.cli.evaluate import eval_errors, run_eval
 
@@ -111,18 +123,16 @@ def _eval_once(model: Path, settings: dict, baseline: Path, json_out: bool) -> d
 
 @app.command("run")
 def run_job(
-    model: Annotated[Path | None, typer.Option(help="Local HF Llama/Qwen2 folder (default: embedded model).")] = None,
+    model: ModelOpt = None,
     methods: Annotated[str, typer.Option(help="Comma-separated: caldera, ldlq-had, gptq, rtn.")] = METHODS,
     bq: Annotated[int, typer.Option(help="Bits of Q (every method).")] = 2,
     bl: Annotated[int, typer.Option(help="Bits of L (caldera; 16: fp16).")] = 4,
     br: Annotated[int, typer.Option(help="Bits of R (caldera; 16: fp16).")] = 4,
     rank: Annotated[int, typer.Option(help="Rank of L·R (caldera; clamped to min(m, n)).")] = 256,
-    group_size: Annotated[int, typer.Option(help="Q's group along the input dimension.")] = 64,
+    group_size: GroupSizeOpt = 64,
     iters: Annotated[int, typer.Option(help="CALDERA rounds.")] = DECOMPOSE_ITERS,
-    damping: Annotated[float, typer.Option(help="LDLQ damping, relative to H's mean diagonal.")] = 0.01,
-    zero_point: Annotated[
-        bool, typer.Option(help="Asymmetric grid with uint8 zero points (the usual GPTQ/RTN grid; counted in bits).")
-    ] = False,
+    damping: DampingOpt = 0.01,
+    zero_point: ZeroPointOpt = False,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = DECOMPOSE_SAMPLES,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = DECOMPOSE_SEQ_LEN,
     calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
