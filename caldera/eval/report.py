@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from caldera.pipeline.hessians import PROJ_PATH
+
+PROJECTIONS = tuple(PROJ_PATH)  # q, k, v, o, gate, up, down
 
 
 def settings(result: dict[str, Any]) -> str:

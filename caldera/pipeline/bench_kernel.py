@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from caldera.pipeline.hessians import PROJ_PATH
 from caldera.runtime.compressed import CompressedLinear
 from caldera.testing.packed import random_packed_linear
 
 IMPLS = ("fused", "two_stage", "unfused_torch", "dense")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = tuple(PROJ_PATH)  # q, k, v, o, gate, up, down
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ from torch import nn
 
 from caldera.io.model_folder import read_model_config
 from caldera.io.packed_format import FORMAT_VERSION, FormatError, read_file_metadata
+from caldera.pipeline.export import EMBEDDINGS, INDEX, ExportError
+from caldera.pipeline.export import verify as verify_folder
 from caldera.runtime.compressed import CompressedEmbedding, CompressedLinear
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-INDEX = "model.safetensors.index.json"
-EMBED = "model.embed_tokens"
+EMBED = EMBEDDINGS[0]  # model.embed_tokens
 
 
 class LoadError(RuntimeError):
@@ -110,9 +111,6 @@ def load(
     CompressedLinear also keeps its Ŵ dense (``materialize``): dense speed and memory, the same logits.
     LoadError (one line) otherwise.
     """
-    from caldera.pipeline.export import ExportError
-    from caldera.pipeline.export import verify as verify_folder
-
     folder, device = Path(model_dir), torch.device(device)
     qc = quantization_config(folder)
     if verify:
