@@ -34,6 +34,25 @@ ZeroPointOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'22GB' -> 22·10⁹ bytes, '20GiB' -> 20·2³⁰, '1.5 TB', '4096' (bytes); ValueError naming the text."""
+    value = text.strip().lower().replace("_", "")
+    number = value.rstrip("kmgtib ")
+    unit = value[len(number) :].strip()
+    try:
+        size = float(number) * _SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        units = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+        raise ValueError(f"bad size {text!r}: expected a number and a unit ({units})") from None
+    if not 0 < size < float("inf"):
+        raise ValueError(f"bad size {text!r}: must be positive and finite")
+    return int(size)
+
+
 def fail(message: str) -> None:
     """One-line error on stderr, exit code 2."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

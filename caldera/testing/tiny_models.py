@@ -2,7 +2,7 @@
 
 Dimensions are small but not all powers of two: hidden 64, intermediate 160, 2 layers, 4 heads of 16
 with 2 KV heads (so k_proj and v_proj are 32 × 64). The tokenizer is byte-level with no merges, built
-in-process with the ``tokenizers`` library: every UTF-8 byte is one token, plus BOS/EOS/PAD.
+in-process (``caldera.io.byte_tokenizer``): every UTF-8 byte is one token, plus BOS/EOS/PAD.
 Weights are drawn under ``torch.random.fork_rng``: the caller's global RNG state is left as it was.
 ``shards=N`` writes the weights as N safetensors shards with a ``model.safetensors.index.json`` (tensors in
 file order, split into N runs of about equal bytes, so a layer may straddle two shards).
@@ -15,28 +15,13 @@ from pathlib import Path
 
 import torch
 
+from caldera.io.byte_tokenizer import byte_tokenizer as tiny_tokenizer
+
 HIDDEN = 64
 INTERMEDIATE = 160
 LAYERS = 2
 HEADS = 4
 KV_HEADS = 2
-SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
-
-
-def tiny_tokenizer(path: Path | str):
-    """Byte-level tokenizer (256 byte tokens + BOS/EOS/PAD), saved into ``path``; returns it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for the bytes
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab.update({tok: len(alphabet) + i for i, tok in enumerate(SPECIAL_TOKENS)})
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    tokenizer.save_pretrained(path)
-    return tokenizer
 
 
 def reshard(path: Path | str, shards: int) -> None:
