@@ -16,9 +16,9 @@ from caldera.cli.common import JsonOpt, app, default_device, emit, err_console, 
 @app.command("bench-decompose")
 def bench_decompose(
     shapes: Annotated[str, typer.Option(help="OUTxIN list.")] = "896x896,4864x896,8192x8192,8192x29568",
-    methods: Annotated[str, typer.Option(help="Presets: rtn, ldlq, ldlq-had, caldera-r64-b4, caldera-r256-b16.")] = (
-        "rtn,ldlq,ldlq-had,caldera-r64-b4,caldera-r256-b16"
-    ),
+    methods: Annotated[
+        str, typer.Option(help="Presets: rtn, ldlq, ldlq-had, caldera-r64-b4, caldera-r256-b4, caldera-r256-b16.")
+    ] = ("rtn,ldlq,ldlq-had,caldera-r64-b4,caldera-r256-b16"),
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present).")] = None,
     iters: Annotated[int | None, typer.Option(help="CALDERA rounds (default: the config's).")] = None,
     randomized_svd: Annotated[bool, typer.Option(" /--exact-svd", help="Exact SVD in the low-rank step.")] = True,

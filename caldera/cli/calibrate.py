@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from caldera.cli.common import TEXTS_HELP, JsonOpt, ModelOpt, app, emit, err_console, fail, progress_bar
+from caldera.cli.common import TEXTS_HELP, JsonOpt, ModelOpt, app, emit, err_console, fail, peak_gpu, progress_bar
 
 
 @app.command("calibrate")
@@ -19,6 +19,7 @@ def calibrate(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     layers: Annotated[str | None, typer.Option(help="Decoder layers, e.g. 0-3,5 (default: all).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward batch (GPU memory grows with it).")] = 8,
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer input Hessians (float64), streaming the model one decoder layer at a time from its shards."""
@@ -61,12 +62,13 @@ def calibrate(
 
             with rundir.lock():
                 rundir.remove_stale_files()
-                kw = {"layers": selected, "device": dev, "data": source, "on_layer": on_layer}
+                kw = {"layers": selected, "device": dev, "data": source, "on_layer": on_layer, "batch_size": batch_size}
                 result = stream_hessians(folder, ids, rundir, **kw)
     except (*errors, CalibrateError, ShardError, FileExistsError) as e:
         fail(str(e))
     summary = {"run": str(run), "layers": len(result.layers), "tokens": result.tokens}
     summary |= {"hessian_bytes": result.hessian_bytes, "seconds": time.perf_counter() - start}
+    summary |= {"computed": len(result.computed), "spilled": result.spilled} | peak_gpu(dev)
     if json_out:
         emit(summary)
     else:

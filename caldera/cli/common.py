@@ -70,6 +70,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def peak_gpu(device) -> dict[str, float]:
+    """{"peak_gpu_mb": the CUDA allocator's peak (torch.cuda.max_memory_allocated) in MiB} on a CUDA device, else {}."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
 def progress_bar(disable: bool):
     """A rich progress bar on stderr (count, elapsed, ETA); ``disable`` under --json."""
     from rich import progress as rp

@@ -20,6 +20,7 @@ from caldera.cli.common import (
     emit,
     err_console,
     fail,
+    peak_gpu,
     progress_bar,
     say,
 )
@@ -86,7 +87,7 @@ def decompose(
         message = f"interrupted after {len(results)} layers; rerun the same command to resume"
         err_console.print(message, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    _decompose_report(results, time.perf_counter() - start, json_out, run_dir)
+    _decompose_report(results, time.perf_counter() - start, json_out, run_dir, peak_gpu(device))
 
 
 def decompose_errors() -> tuple[type[Exception], ...]:
@@ -201,10 +202,10 @@ def _decompose_layers(job: _DecomposeJob, cfg, json_out: bool, results: list) ->
             progress.console.print(line, highlight=False, soft_wrap=True)
 
 
-def _decompose_report(results: list, seconds: float, json_out: bool, run: Path) -> None:
+def _decompose_report(results: list, seconds: float, json_out: bool, run: Path, peak: dict) -> None:
     from caldera.pipeline.decompose_model import per_projection, summarize
 
-    summary = summarize(results, seconds) | {"run": str(run)}
+    summary = summarize(results, seconds) | {"run": str(run)} | peak
     if json_out:
         emit({"summary": summary})
         return

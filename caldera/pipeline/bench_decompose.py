@@ -25,6 +25,7 @@ PRESETS: dict[str, dict] = {
     "ldlq": {"method": Method.GPTQ},
     "ldlq-had": {"method": Method.LDLQ_HAD},
     "caldera-r64-b4": {"method": Method.CALDERA, "rank": 64, "bl": 4, "br": 4},
+    "caldera-r256-b4": {"method": Method.CALDERA, "rank": 256, "bl": 4, "br": 4},  # caldera decompose's defaults
     "caldera-r256-b16": {"method": Method.CALDERA, "rank": 256, "bl": 16, "br": 16},
 }
 
