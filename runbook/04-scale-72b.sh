@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runbook step 04: synthetic Qwen2-72B layers end to end on one GPU (synth -> calibrate -> decompose -> export),
+# and the decomposition of each Qwen2-72B matrix type at the defaults (seconds, peak GPU memory).
+#
+#   bash runbook/04-scale-72b.sh [WORK] [OUT]        WORK: scratch folder (~35 GB for 2 layers), OUT: results
+#
+# Environment (defaults): SHAPE=qwen2-72b LAYERS=2 SAMPLES=64 SEQ=2048 BATCH=4 DEVICE=cuda
+#   BENCH_SHAPES=8192x8192,1024x8192,29568x8192,8192x29568 (empty: no benchmark). Every stage resumes.
+set -euo pipefail
+WORK=${1:-/tmp/caldera-72b}
+OUT=${2:-runbook/results}
+SHAPE=${SHAPE:-qwen2-72b} LAYERS=${LAYERS:-2} SAMPLES=${SAMPLES:-64} SEQ=${SEQ:-2048} BATCH=${BATCH:-4}
+DEVICE=${DEVICE:-cuda} BENCH_SHAPES=${BENCH_SHAPES-8192x8192,1024x8192,29568x8192,8192x29568}
+export PYTHONUNBUFFERED=1
+mkdir -p "$WORK" "$OUT"
+LOG="$OUT/scale-72b.jsonl"
+: >"$LOG"
+
+stage() { # stage NAME COMMAND...: its JSON lines to OUT/scale-72b-NAME.jsonl; {"stage", "wall_s", "result"} to LOG
+  local name=$1 start
+  shift
+  start=$EPOCHREALTIME
+  python3 -m caldera "$@" --json >"$OUT/scale-72b-$name.jsonl"
+  awk -v s="$start" -v e="$EPOCHREALTIME" -v n="$name" -v r="$(tail -n 1 "$OUT/scale-72b-$name.jsonl")" \
+    'BEGIN { printf "{\"stage\": \"%s\", \"wall_s\": %.1f, \"result\": %s}\n", n, e - s, r }' | tee -a "$LOG"
+}
+
+python3 - <<'PY' | tee -a "$LOG"
+import json, platform, torch
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+print(json.dumps({"stage": "machine", "torch": torch.__version__, "gpu": gpu, "cpus": __import__("os").cpu_count(),
+                  "python": platform.python_version()}))
+PY
+df -h "$WORK" | tail -n 1
+
+if [ -n "$BENCH_SHAPES" ]; then
+  python3 -m caldera bench-decompose --device "$DEVICE" --shapes "$BENCH_SHAPES" --methods caldera-r256-b4 --iters 4 \
+    --json | tee "$OUT/scale-72b-bench.jsonl"
+fi
+[ -d "$WORK/model" ] || stage synth synth --shape "$SHAPE" --layers "$LAYERS" --out "$WORK/model" --device "$DEVICE"
+# calibration text: the repository's own sources (the synthetic folder's tokenizer maps each byte to a token)
+find caldera docs -name '*.py' -o -name '*.md' | sort | xargs cat >"$WORK/calib.txt"
+stage calibrate calibrate --model "$WORK/model" --run "$WORK/run" --data "$WORK/calib.txt" --samples "$SAMPLES" \
+  --seq-len "$SEQ" --batch-size "$BATCH" --device "$DEVICE"
+stage decompose decompose --model "$WORK/model" --run "$WORK/run" --device "$DEVICE"
+rm -rf "$WORK/export"
+stage export export --run "$WORK/run" --out "$WORK/export"
+du -sh "$WORK"/* | tee -a "$OUT/scale-72b-disk.txt"
