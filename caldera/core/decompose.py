@@ -10,6 +10,8 @@ solved for W̃ = U_out W U_inᵀ and H̃ = U_in H U_inᵀ; ``Decomposition.dense
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 
 import torch
@@ -74,6 +76,22 @@ class Decomposition:
 def transforms_for(m: int, n: int, seed: int) -> tuple[IncoherenceTransform, IncoherenceTransform]:
     """The (out, in) incoherence transforms a matrix decomposed with this seed uses."""
     return IncoherenceTransform(m, 2 * seed), IncoherenceTransform(n, 2 * seed + 1)
+
+
+def layout(shape: tuple[int, int], cfg: DecomposeConfig) -> Decomposition:
+    """What ``decompose`` returns for an (m, n) matrix under ``cfg``, without values: Q (and L (m, k), R (k, n))
+    quantized by the same quantizer from meta-device tensors, so their dtypes and shapes are the stored ones, and
+    the real incoherence transforms. For byte counts (``nbytes``) and the writer's tensor layout; no arithmetic."""
+    m, n = shape
+    if cfg.rank > min(m, n):
+        raise ConfigError(f"rank={cfg.rank} exceeds min(m, n)={min(m, n)} for a {tuple(shape)} matrix")
+    meta = functools.partial(torch.empty, device="meta")
+    q = quantize(meta(m, n), cfg.q_quant())
+    left = right = None
+    if cfg.rank:
+        left, right = quantize(meta(m, cfg.rank), cfg.l_quant()), quantize(meta(cfg.rank, n), cfg.r_quant())
+    u_out, u_in = transforms_for(m, n, cfg.seed) if cfg.incoherence else (None, None)
+    return Decomposition(q, left, right, u_out, u_in, math.nan, math.nan, [], 0.0, cfg.damping)
 
 
 def _check(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> None:

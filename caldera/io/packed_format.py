@@ -60,22 +60,30 @@ def linear_metadata(dec: Decomposition) -> dict[str, Any]:
     }
 
 
+def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t on the CPU in ``dtype``, contiguous; a meta tensor (a layout without values) stays on the meta device."""
+    return t.to("meta" if t.is_meta else "cpu", dtype).contiguous()
+
+
 def _part_tensors(name: str, t: QuantizedTensor) -> dict[str, torch.Tensor]:
     if t.bits == 16:
-        return {name: t.codes.to("cpu", torch.float16).contiguous()}
+        return {name: _host(t.codes, torch.float16)}
     if t.bits not in SUPPORTED_BITS:
         raise FormatError(f"tensor {name}: {t.bits}-bit codes are not supported")
     out = {
-        f"{name}.codes": pack_codes(t.codes, t.bits).cpu(),
-        f"{name}.scales": t.scales.to("cpu", torch.float16).contiguous(),
+        f"{name}.codes": _host(pack_codes(t.codes, t.bits), torch.uint8),
+        f"{name}.scales": _host(t.scales, torch.float16),
     }
     if t.zeros is not None:
-        out[f"{name}.zeros"] = t.zeros.to("cpu", torch.uint8).contiguous()
+        out[f"{name}.zeros"] = _host(t.zeros, torch.uint8)
     return out
 
 
 def linear_tensors(prefix: str, dec: Decomposition, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of one linear, on the CPU: packed Q (and L, R), sign bits, bias (fp16 kept, else fp32)."""
+    """Every tensor of one linear, on the CPU: packed Q (and L, R), sign bits, bias (fp16 kept, else fp32).
+
+    A ``layout`` decomposition (meta-device parts) gives the same names, dtypes and shapes without values:
+    what ``caldera plan`` counts the bytes of."""
     if dec.q.bits == 16:
         raise FormatError(f"tensor {prefix}.q: Q must be quantized (bits < 16)")
     out = _part_tensors(f"{prefix}.q", dec.q)
@@ -87,8 +95,7 @@ def linear_tensors(prefix: str, dec: Decomposition, bias: torch.Tensor | None = 
     if bias is not None:
         if tuple(bias.shape) != (dec.shape[0],):
             raise FormatError(f"tensor {prefix}.bias: shape {tuple(bias.shape)}, expected ({dec.shape[0]},)")
-        dtype = torch.float16 if bias.dtype == torch.float16 else torch.float32
-        out[f"{prefix}.bias"] = bias.detach().to("cpu", dtype).contiguous()
+        out[f"{prefix}.bias"] = _host(bias.detach(), torch.float16 if bias.dtype == torch.float16 else torch.float32)
     return out
 
 

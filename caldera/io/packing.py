@@ -37,12 +37,12 @@ def packed_cols(cols: int, bits: int) -> int:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (rows, cols) in [0, 2^bits) -> uint8 (rows, ceil(cols·bits/8)), same device."""
+    """uint8 codes (rows, cols) in [0, 2^bits) -> uint8 (rows, ceil(cols·bits/8)), same device (meta too)."""
     per, nbytes = _word(bits)
     if codes.dtype != torch.uint8 or codes.ndim != 2:
         raise ValueError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} of shape {tuple(codes.shape)}")
     rows, cols = codes.shape
-    if codes.numel() and int(codes.max()) >= 2**bits:
+    if codes.numel() and not codes.is_meta and int(codes.max()) >= 2**bits:  # meta: a layout without values
         raise ValueError(f"codes reach {int(codes.max())}, beyond the {bits}-bit range [0, {2**bits - 1}]")
     words = -(-cols // per)
     grouped = torch.nn.functional.pad(codes, (0, words * per - cols)).reshape(rows, words, per)  # (rows, W, per)
