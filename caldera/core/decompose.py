@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from caldera.config import ConfigError, DecomposeConfig, Method
+from caldera.config import ConfigError, DecomposeConfig, Method, QuantConfig
 from caldera.core.incoherence import IncoherenceTransform, restore_weight, transform_hessian, transform_weight
 from caldera.core.ldlq import check_hessian, damped_factors, damping_shift, ldlq
 from caldera.core.lowrank import quantized_lowrank
@@ -85,13 +85,19 @@ def layout(shape: tuple[int, int], cfg: DecomposeConfig) -> Decomposition:
     m, n = shape
     if cfg.rank > min(m, n):
         raise ConfigError(f"rank={cfg.rank} exceeds min(m, n)={min(m, n)} for a {tuple(shape)} matrix")
-    meta = functools.partial(torch.empty, device="meta")
-    q = quantize(meta(m, n), cfg.q_quant())
+    q = _quantized_layout(m, n, cfg.q_quant())
     left = right = None
     if cfg.rank:
-        left, right = quantize(meta(m, cfg.rank), cfg.l_quant()), quantize(meta(cfg.rank, n), cfg.r_quant())
+        left, right = _quantized_layout(m, cfg.rank, cfg.l_quant()), _quantized_layout(cfg.rank, n, cfg.r_quant())
     u_out, u_in = transforms_for(m, n, cfg.seed) if cfg.incoherence else (None, None)
     return Decomposition(q, left, right, u_out, u_in, math.nan, math.nan, [], 0.0, cfg.damping)
+
+
+@functools.lru_cache(maxsize=1024)
+def _quantized_layout(rows: int, cols: int, cfg: QuantConfig) -> QuantizedTensor:
+    """``quantize`` of a meta (rows, cols) tensor: the stored parts' dtypes and shapes. The clip search only picks
+    among scales of one shape, so it is left out (meta tensors run through slow reference kernels)."""
+    return quantize(torch.empty(rows, cols, device="meta"), dataclasses.replace(cfg, clip_search=False))
 
 
 def _check(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> None:

@@ -83,6 +83,7 @@ class ModelShape:
     vocab: int
     tied: bool
     qkv_bias: bool  # Qwen2: q/k/v_proj carry biases; Llama: only with attention_bias
+    dtype: str  # of the weights as published (torch_dtype)
 
     @property
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
@@ -109,6 +110,7 @@ class ModelShape:
                 vocab=int(config["vocab_size"]),
                 tied=bool(config.get("tie_word_embeddings", False)),
                 qkv_bias=config["model_type"] == "qwen2" or bool(config.get("attention_bias", False)),
+                dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFolderError(f"{name}: config.json lacks a usable {e} field") from None

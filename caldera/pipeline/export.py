@@ -40,6 +40,7 @@ from caldera.config import DecomposeConfig
 from caldera.core.decompose import decompose
 from caldera.io.model_folder import read_model_config
 from caldera.io.packed_format import (
+    BLOCK_KEY,
     FORMAT_VERSION,
     VERSION_KEY,
     FormatError,
@@ -166,6 +167,11 @@ def _layer_tensors(run: RunDir, reader: ShardReader, layer: int) -> tuple[dict[s
     return packed | others, linear_header
 
 
+def embedding_config(bits: int, group: int) -> DecomposeConfig:
+    """How embeddings and lm_head [vocab, hidden] are packed at ``bits`` < 16: round to nearest, groups along hidden."""
+    return DecomposeConfig.for_method("rtn", bq=bits, group_size=group)
+
+
 def _top_tensors(reader: ShardReader, tied: bool, bits: int, group: int, errors: dict[str, float]) -> tuple:
     """(tensors, header) of the non-layer tensors: fp16, the embeddings and lm_head packed when ``bits`` < 16."""
     names = [n for n in reader.names() if not n.startswith("model.layers.") and not (tied and n == "lm_head.weight")]
@@ -173,8 +179,7 @@ def _top_tensors(reader: ShardReader, tied: bool, bits: int, group: int, errors:
     top = {n: _fp16(reader.tensor(n)) for n in names if n not in packed}
     metas = {}
     for name in sorted(set(names) & set(packed)):
-        cfg = DecomposeConfig.for_method("rtn", bq=bits, group_size=group)
-        dec = decompose(reader.tensor(name).float(), None, cfg)  # [vocab, hidden], groups along hidden
+        dec = decompose(reader.tensor(name).float(), None, embedding_config(bits, group))  # [vocab, hidden]
         top |= linear_tensors(packed[name], dec)
         metas[packed[name]], errors[packed[name]] = linear_metadata(dec), dec.fro_err
     header = {k: v for k, v in file_metadata(metas).items() if k != VERSION_KEY}  # the shard adds the version
@@ -260,9 +265,8 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
         _write(tmp / name, safetensors_bytes(tensors, {"format": "pt", VERSION_KEY: str(FORMAT_VERSION)} | header))
         for tensor in tensors:
             weight_map.setdefault(tensor, name)  # a shared block: the first shard holding it
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        linear = [t for n, t in tensors.items() if n.startswith("incoherence.") or _is_linear(n)]
-        linear_bytes += sum(t.numel() * t.element_size() for t in linear)
+        total += tensor_bytes(tensors)
+        linear_bytes += tensor_bytes({n: t for n, t in tensors.items() if is_linear_tensor(n)})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write(tmp / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     shapes = [reader.info[f"{linear_prefix(i, p)}.weight"].shape for i in range(num_layers) for p in PROJECTIONS]
@@ -306,9 +310,15 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
     )
 
 
-def _is_linear(name: str) -> bool:
-    """A tensor of a packed linear (q/l/r parts, signs, bias): ``model.layers.<i>.<path>.<part>``."""
-    return any(f".{path}." in name for path in PROJ_PATH.values())
+def is_linear_tensor(name: str) -> bool:
+    """A tensor the linears' bits per weight count: a packed linear's part (q/l/r, signs, bias:
+    ``model.layers.<i>.<path>.<part>``) or a shared incoherence block."""
+    return name.startswith(BLOCK_KEY) or any(f".{path}." in name for path in PROJ_PATH.values())
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes the tensors take in a safetensors file (numel × element size; meta tensors count the same)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def export(run_dir: Path | str, out: Path | str, *, embed_bits: int = 16, layers_per_shard: int = 8) -> ExportSummary:
