@@ -27,7 +27,7 @@ import torch
 from max import driver
 from max.dtype import DType
 from max.engine import InferenceSession, Model
-from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
+from max.graph import BufferType, DeviceRef, Graph, TensorType, TensorValue, Value, ops
 from torch import nn
 
 from caldera.runtime.compressed import CompressedLinear, PackedMatrix
@@ -39,7 +39,7 @@ KERNELS = Path(os.environ.get("CALDERA_KERNELS", Path(__file__).resolve().parent
 T_PARTS_GPU = 4
 """Partial sums of t = x̃ Rᵀ on the GPU: kernels_mojo/gpu.mojo's P_SPLIT (the CPU writes one)."""
 
-_DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
+DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
 
 # MAX's device memory manager reserves most of a GPU by default; here torch holds the weights and MAX only the
 # ops' outputs and scratch, so it gets a tenth unless the caller says otherwise (read when a device is created).
@@ -138,7 +138,7 @@ def _part(part: PackedMatrix) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @cache
-def _kernel_package() -> Path:
+def kernel_package() -> Path:
     """The kernels as a .mojoc, precompiled once per process (MAX otherwise reruns `mojo precompile` per graph)."""
     if KERNELS.suffix == ".mojoc":
         return KERNELS
@@ -153,8 +153,43 @@ def max_device(kind: str, index: int = 0) -> driver.Device:
 
 
 @cache
-def _session(device: driver.Device) -> InferenceSession:
+def session(device: driver.Device) -> InferenceSession:
     return InferenceSession(devices=[device])
+
+
+KERNEL_INPUT_DIMS = (
+    ("m", "q_bytes"),
+    ("m", "q_groups"),
+    ("l_rows", "l_bytes"),
+    ("l_rows", "l_groups"),
+    ("k", "r_bytes"),
+    ("k", "r_groups"),
+    ("b",),
+)
+"""Symbolic dims of KernelInputs.args() but ``sync`` (the layer graphs prefix each linear's names)."""
+
+
+def kernel_input_types(ref: DeviceRef, prefix: str = "") -> list[TensorType | BufferType]:
+    """The graph input types of ``KernelInputs.args()``, with symbolic dims named ``prefix`` + KERNEL_INPUT_DIMS."""
+    dtypes = (DType.uint8, DType.float16) * 3 + (DType.float32,)
+    types = zip(dtypes, KERNEL_INPUT_DIMS, strict=True)
+    tensors = [TensorType(dt, [prefix + d for d in dims], device=ref) for dt, dims in types]
+    return [*tensors, BufferType(DType.int64, [2], device=ref)]
+
+
+def linear_op(impl: Impl, spec: KernelSpec, ref: DeviceRef, x: TensorValue, inputs: list[Value]) -> TensorValue:
+    """ỹ (s, m) = x (s, n) (Q + L R)ᵀ (+ fused bias) in x's dtype, from the graph values of KernelInputs.args()."""
+    qc, qs, ld, ls, rd, rs, bias = (v.tensor for v in inputs[:7])
+    sync = inputs[7].buffer
+    y_type = TensorType(x.dtype, [x.shape[0], qc.shape[0]], device=ref)
+    parts = 1 if ref.is_cpu() else T_PARTS_GPU
+    t_type = TensorType(DType.float32, [parts, x.shape[0], rd.shape[0]], device=ref)  # x̃ Rᵀ, P partial sums
+    if impl == "fused":
+        values, params = [x, qc, qs, ld, ls, rd, rs, bias, sync], spec.parameters("q", "l", "r")
+        return ops.inplace_custom("caldera_qlr_fused", ref, values, [y_type, t_type], params)[0].tensor
+    t = ops.custom("caldera_lr_project", ref, [x, rd, rs], [t_type], spec.parameters("r"))[0]
+    values = [x, t, qc, qs, ld, ls, bias]
+    return ops.custom("caldera_qlr_apply", ref, values, [y_type], spec.parameters("q", "l"))[0].tensor
 
 
 def build_graph(impls: tuple[Impl, ...], spec: KernelSpec, dtype: DType, device: driver.Device) -> Graph:
@@ -163,53 +198,27 @@ def build_graph(impls: tuple[Impl, ...], spec: KernelSpec, dtype: DType, device:
     Several impls in one graph share one compilation (tests, the GPU compile check); the runtime uses one each.
     """
     ref = DeviceRef.from_device(device)
-
-    def tensor(dt: DType, *dims: object) -> TensorType:
-        return TensorType(dt, list(dims), device=ref)
-
-    u8, f16, f32 = DType.uint8, DType.float16, DType.float32
-    types = [
-        tensor(dtype, "s", "n"),
-        tensor(u8, "m", "q_bytes"),
-        tensor(f16, "m", "q_groups"),
-        tensor(u8, "l_rows", "l_bytes"),
-        tensor(f16, "l_rows", "l_groups"),
-        tensor(u8, "k", "r_bytes"),
-        tensor(f16, "k", "r_groups"),
-        tensor(f32, "b"),
-        BufferType(DType.int64, [2], device=ref),
-    ]
-    parts = 1 if device.is_host else T_PARTS_GPU
-    with Graph(
-        f"caldera_{'_'.join(impls)}_{spec.key()}", input_types=types, custom_extensions=[_kernel_package()]
-    ) as g:
-        x, qc, qs, ld, ls, rd, rs, bias = (v.tensor for v in g.inputs[:8])
-        sync = g.inputs[8].buffer
-        y_type = tensor(dtype, x.shape[0], qc.shape[0])
-        outputs = []
-        t_type = tensor(f32, parts, x.shape[0], rd.shape[0])  # x̃ Rᵀ, P partial sums
-        for impl in impls:
-            if impl == "fused":
-                values, params = [x, qc, qs, ld, ls, rd, rs, bias, sync], spec.parameters("q", "l", "r")
-                y = ops.inplace_custom("caldera_qlr_fused", ref, values, [y_type, t_type], params)
-            else:
-                t = ops.custom("caldera_lr_project", ref, [x, rd, rs], [t_type], spec.parameters("r"))[0]
-                y = ops.custom(
-                    "caldera_qlr_apply", ref, [x, t, qc, qs, ld, ls, bias], [y_type], spec.parameters("q", "l")
-                )
-            outputs.append(y[0])
-        g.output(*outputs)
+    types = [TensorType(dtype, ["s", "n"], device=ref), *kernel_input_types(ref)]
+    name = f"caldera_{'_'.join(impls)}_{spec.key()}"
+    with Graph(name, input_types=types, custom_extensions=[kernel_package()]) as g:
+        x, inputs = g.inputs[0].tensor, list(g.inputs[1:])
+        g.output(*(linear_op(impl, spec, ref, x, inputs) for impl in impls))
     return g
 
 
 @cache
 def compiled(impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtype, device: driver.Device) -> Model:
     """``build_graph`` compiled, once per process (tens of seconds cold, a few from MAX's disk cache)."""
-    return _session(device).load(build_graph(impls, spec, _DTYPES[dtype], device))
+    return session(device).load(build_graph(impls, spec, DTYPES[dtype], device))
 
 
 def compile_for_gpu(impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtype, target: str, out: Path) -> None:
-    """Compile the GPU branch for ``target`` (e.g. "sm_90a") through MAX's virtual device; raises on any error.
+    """``build_graph``'s GPU branch compiled for ``target`` through MAX's virtual device (``compile_graph_for_gpu``)."""
+    compile_graph_for_gpu(lambda device: build_graph(impls, spec, DTYPES[dtype], device), target, out)
+
+
+def compile_graph_for_gpu(build: Callable[[driver.Device], Graph], target: str, out: Path) -> None:
+    """Compile ``build(device)`` for ``target`` (e.g. "sm_90a") through MAX's virtual device; raises on any error.
 
     It switches this process to virtual-device mode for good: call it in a process of its own.
     """
@@ -217,11 +226,10 @@ def compile_for_gpu(impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtyp
     driver.set_virtual_device_target_arch(target)
     driver.set_virtual_device_count(1)
     device = driver.Accelerator()
-    session = InferenceSession(devices=[device], export_mefs=str(out))
-    session.compile_reusing_mefs(build_graph(impls, spec, _DTYPES[dtype], device))
+    InferenceSession(devices=[device], export_mefs=str(out)).compile_reusing_mefs(build(device))
 
 
-class _Ordered:
+class Ordered:
     """On CUDA: MAX's queue waits for torch's current stream before the block, torch's stream for MAX's after it.
 
     Through a torch view of MAX's queue; if torch cannot use that stream, both sides are synchronized instead
@@ -280,7 +288,7 @@ def transformed_matmul(
     xin = x.to(torch.bfloat16) if gpu and x.dtype == torch.float32 else x.contiguous()
     device = max_device("gpu" if gpu else "cpu", x.device.index or 0)
     model = compiled(impls, spec, xin.dtype, device)
-    with _Ordered(device, x.device):
+    with Ordered(device, x.device):
         outs = model.execute(xin, *inputs.args())
     return tuple(torch.from_dlpack(out).to(x.dtype) for out in outs)
 
@@ -294,7 +302,7 @@ def captured(x: torch.Tensor, inputs: KernelInputs, spec: KernelSpec, impl: Impl
     model = compiled((impl,), spec, x.dtype, device)
     buffers = [driver.Buffer.from_dlpack(t) for t in (x.contiguous(), *inputs.args())]
     key = next(_capture_keys)
-    with _Ordered(device, x.device):
+    with Ordered(device, x.device):
         model.capture(key, *buffers)
     return lambda: model.replay(key, *buffers)
 
@@ -302,7 +310,11 @@ def captured(x: torch.Tensor, inputs: KernelInputs, spec: KernelSpec, impl: Impl
 _capture_keys = itertools.count(1)
 
 
-class MaxLinear(nn.Module):
+class MaxModule(nn.Module):
+    """A module whose compressed linears run through MAX: ``use_max`` leaves the linears inside it alone."""
+
+
+class MaxLinear(MaxModule):
     """A CompressedLinear whose transformed-domain product runs in MAX: y = U_outᵀ MAX(U_in x) (+ b).
 
     Falls back to the module's own PyTorch forward when the kernels cannot run the layer (``reason`` says why).
@@ -338,15 +350,22 @@ class MaxLinear(nn.Module):
         return tuple(y.reshape(*lead, m.out_features) for y in ys)
 
 
-def use_max(model: nn.Module, impl: Impl = "fused") -> dict[str, str]:
-    """Route every CompressedLinear of ``model`` through MAX (replaced in place by a MaxLinear around it).
+def use_max(model: nn.Module, impl: Impl = "fused", scope: Literal["linear", "layer"] = "linear") -> dict[str, str]:
+    """Route every CompressedLinear of ``model`` through MAX, in place.
 
-    Returns {module name: reason} for the layers the kernels cannot run, which keep their PyTorch forward.
+    ``scope="linear"``: each becomes a MaxLinear around it. ``scope="layer"``: each decoder layer's projections
+    first go through layer graphs (``max_layer.use_max_layers``: q/k/v, o, the SwiGLU MLP, transforms inside),
+    the rest (the head; groups the layer graphs cannot run) through MaxLinear. Returns {module name: reason}
+    for what took a slower path: a group left to MaxLinear, a linear left to its PyTorch forward.
     """
     fallbacks = {}
+    if scope == "layer":
+        from caldera.runtime.max_layer import use_max_layers  # built on this module
+
+        fallbacks = use_max_layers(model, impl)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, CompressedLinear):
+            if isinstance(child, CompressedLinear) and not isinstance(parent, MaxModule):
                 layer = MaxLinear(child, impl)
                 setattr(parent, name, layer)
                 if layer.reason:
