@@ -54,6 +54,17 @@ def decompose(
     damping: DampingOpt = 0.01,
     zero_point: ZeroPointOpt = False,
     seed: Annotated[int, typer.Option(help="Base seed; each matrix derives its own from (seed, layer, name).")] = 0,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="One Ray task per layer (a GPU each on cuda), RUN and the model on shared storage: the cluster in "
+            "RAY_ADDRESS or a new local one. Needs caldera[distributed].",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="The Ray cluster to join (implies --ray), e.g. auto or ray://head:10001.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Decompose q/k/v/o/gate/up/down_proj layer by layer into a run directory; rerun to resume.
@@ -80,7 +91,8 @@ def decompose(
             zero_point=zero_point,
         )
         calibration = {"samples": samples, "seq_len": seq_len, "calib": calib}
-        run_dir = decompose_run(model, run, layers, device, cfg, calibration, json_out, results)
+        address = ray_address or ("local" if ray else None)
+        run_dir = decompose_run(model, run, layers, device, cfg, calibration, json_out, results, ray_address=address)
     except decompose_errors() as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -103,17 +115,26 @@ def decompose_errors() -> tuple[type[Exception], ...]:
     from caldera.pipeline.calibrate import CalibrateError
 
     errors = (ConfigError, HessianError, CalibrationError, CorpusError, ModelFolderError, DefaultModelMissing)
-    return (*errors, RunDirError, ShardError, CalibrateError, FileExistsError)  # FileExistsError: half a default model
+    from caldera.pipeline.distributed import ClusterError
+
+    # FileExistsError: half a default model; ImportError: --ray without Ray
+    return (*errors, RunDirError, ShardError, CalibrateError, FileExistsError, ImportError, ClusterError)
 
 
-def decompose_run(model, run, layers, device, cfg, calibration: dict, json_out: bool, results: list) -> Path:
+def decompose_run(
+    model, run, layers, device, cfg, calibration: dict, json_out: bool, results: list, ray_address: str | None = None
+) -> Path:
     """Open (or resume) the run, calibrate the layers it lacks Hessians for, decompose layer by layer into
-    ``results``; returns the run directory."""
+    ``results`` (on a Ray cluster with ``ray_address``); returns the run directory."""
     job = _decompose_open(model, run, layers, device, cfg, calibration)
+    if ray_address is not None:
+        from caldera.pipeline.distributed import connect
+
+        connect(ray_address)  # before the lock: an unreachable cluster leaves the run untouched
     with job.run.lock():
         job.run.ensure_spec("decompose", job.spec)  # a resumed run must have the same settings
         _decompose_calibrate(job, calibration["samples"], calibration["seq_len"], calibration["calib"], json_out)
-        _decompose_layers(job, cfg, json_out, results)
+        _decompose_layers(job, cfg, json_out, results, ray_address)
     return job.run.root
 
 
@@ -181,16 +202,26 @@ def _decompose_calibrate(job: _DecomposeJob, samples: int, seq_len: int, calib, 
             stream_hessians(job.folder, ids, job.run, **kw, on_layer=lambda *_: progress.advance(task))
 
 
-def _decompose_layers(job: _DecomposeJob, cfg, json_out: bool, results: list) -> None:
+def _decompose_layers(job: _DecomposeJob, cfg, json_out: bool, results: list, ray_address: str | None) -> None:
     """Decompose (or read back) layer by layer into ``results``: a JSON line or a human line per layer."""
     from caldera.pipeline.decompose_model import PROJECTIONS
+    from caldera.pipeline.distributed import ray_decompose_into_run
     from caldera.pipeline.run_decompose import decompose_into_run, unfinished_layers
 
     todo = len(set(job.layers) & set(unfinished_layers(job.run, job.config["num_hidden_layers"])))
     with progress_bar(json_out) as progress:
-        task = progress.add_task("matrices", total=todo * len(PROJECTIONS))
-        on_matrix = lambda *_: progress.advance(task)  # noqa: E731
-        for done in decompose_into_run(job.run, job.reader, job.layers, cfg, job.spec, job.device, on_matrix=on_matrix):
+        if ray_address is None:
+            task = progress.add_task("matrices", total=todo * len(PROJECTIONS))
+            on_matrix = lambda *_: progress.advance(task)  # noqa: E731
+            done_layers = decompose_into_run(
+                job.run, job.reader, job.layers, cfg, job.spec, job.device, on_matrix=on_matrix
+            )
+        else:
+            task = progress.add_task("layers (ray)", total=todo)
+            done_layers = ray_decompose_into_run(job.run, job.folder, job.layers, cfg, job.spec, job.device.type)
+        for done in done_layers:
+            if ray_address is not None and not done.resumed:
+                progress.advance(task)
             layer = done.result
             results.append(layer)
             if json_out:

@@ -197,22 +197,37 @@ def decompose_into_run(
 
     Needs every layer's Hessians in ``run`` and ``spec`` recorded in run.json (call under ``RunDir.lock``).
     """
-    device = torch.device(device)
     delay = float(os.environ.get(LAYER_DELAY_ENV) or 0)
     for i in layers:
         stored = stored_result(run, i, spec)
         if stored is not None:
             yield LayerDone(stored, resumed=True)
             continue
-        weights, biases, hessian_of = _layer_inputs(reader, run, i)
-        result = decompose_layer(i, weights, hessian_of, cfg, device, keep=True, on_matrix=on_matrix)
-        tensors, header = layer_file(result, biases, spec, device)
-        atomic_write(run.layer_path(i), lambda p, t=tensors, h=header: save_file(t, str(p), metadata=h))
-        for r in result.proj.values():
-            r.decomposition = None  # the file has it now
-        yield LayerDone(result, resumed=False)
+        yield LayerDone(decompose_layer_into_run(run, reader, i, cfg, spec, device, on_matrix=on_matrix), False)
         if delay:
             time.sleep(delay)
+
+
+def decompose_layer_into_run(
+    run: RunDir,
+    reader: ShardReader,
+    layer: int,
+    cfg: DecomposeConfig,
+    spec: dict[str, Any],
+    device: torch.device | str = "cpu",
+    *,
+    on_matrix: Callable[[int, str, MatrixResult], None] | None = None,
+) -> LayerResult:
+    """Decompose one layer from the shards and the run's Hessians and write its file (atomically); the result
+    without its decompositions (the file has them). Local runs and Ray tasks both go through here."""
+    device = torch.device(device)
+    weights, biases, hessian_of = _layer_inputs(reader, run, layer)
+    result = decompose_layer(layer, weights, hessian_of, cfg, device, keep=True, on_matrix=on_matrix)
+    tensors, header = layer_file(result, biases, spec, device)
+    atomic_write(run.layer_path(layer), lambda p: save_file(tensors, str(p), metadata=header))
+    for r in result.proj.values():
+        r.decomposition = None
+    return result
 
 
 def unfinished_layers(run: RunDir, num_layers: int) -> list[int]:
