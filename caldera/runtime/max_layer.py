@@ -95,10 +95,11 @@ def plan_group(modules: Sequence[CompressedLinear]) -> tuple[GroupPlan, dict[str
     distinct: list[CompressedLinear] = []  # U_in that differ (signs; the block depends on the width only)
     rows = []
     for m in modules:
-        same = [i for i, d in enumerate(distinct) if m.incoherence and torch.equal(d.signs_in, m.signs_in)]
-        if m.incoherence and not same:
-            distinct.append(m)
-        rows.append(same[0] if same else len(distinct) - 1 if m.incoherence else -1)
+        row = -1
+        if m.incoherence:
+            row = next((i for i, d in enumerate(distinct) if torch.equal(d.signs_in, m.signs_in)), len(distinct))
+            distinct += [m] if row == len(distinct) else []
+        rows.append(row)
     if distinct:
         tensors |= {f"in.{k}": t for k, t in _transform_inputs(distinct, "in").items()}
     widths = sorted({m.out_features for m in modules if m.incoherence})

@@ -13,10 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import caldera
-from caldera.cli import app
 from caldera.io.packed_format import read_file_metadata
 from caldera.runtime import max_graph as mg
 from caldera.runtime import max_layer as ml
@@ -38,7 +36,6 @@ RANDOM = {  # name: (out, in, options); q/k/v with biases as in Qwen2
     "up_proj": (INTER, HIDDEN, {"rank": 8}),
     "down_proj": (HIDDEN, INTER, {"rank": 8}),
 }
-FAST = ["--samples", "4", "--seq-len", "32", "--rank", "16", "--iters", "2", "--bl", "4", "--br", "4"]
 
 
 def errors(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
@@ -60,17 +57,6 @@ def random_layer() -> dict[str, tuple[dict, dict]]:
         name: random_packed_linear(m, n, seed=30 + i, prefix=name, **options)
         for i, (name, (m, n, options)) in enumerate(RANDOM.items())
     }
-
-
-@pytest.fixture(scope="module")
-def exported(qwen2_dir, calib_file, tmp_path_factory):
-    """The tiny Qwen2 (biases on q/k/v; widths 64, 32 and 160 = 32·5) decomposed and exported by the CLI."""
-    tmp = tmp_path_factory.mktemp("layer")
-    args = ["decompose", "--model", str(qwen2_dir), "--calib", str(calib_file), *FAST, "--run", str(tmp / "run")]
-    assert CliRunner().invoke(app, [*args, "--json"]).exit_code == 0
-    result = CliRunner().invoke(app, ["export", "--run", str(tmp / "run"), "--out", str(tmp / "out")])
-    assert result.exit_code == 0, result.output
-    return tmp / "out"
 
 
 def check_layer(raw: dict[str, tuple[dict, dict, str]], linears: dict[str, CompressedLinear], rows: int) -> None:
