@@ -4,7 +4,7 @@ Heavy imports (torch, transformers) happen inside the commands so that `caldera 
 Every stage has `--json`: one JSON object per line on stdout, human output on stderr.
 """
 
-from caldera.cli import plan, synth, calibrate, decompose, export, evaluate, run_job, bench_decompose, bench  # noqa: F401, I001 (stage order)
+from caldera.cli import plan, synth, calibrate, decompose, export, evaluate, run_job, sweep, bench_decompose, bench  # noqa: F401, I001 (stage order)
 from caldera.cli.common import app
 
 __all__ = ["app", "main"]

@@ -121,6 +121,28 @@ def _eval_once(model: Path, settings: dict, baseline: Path, json_out: bool) -> d
     return result
 
 
+def run_method(
+    folder: Path, work: Path, cfg, calibration: dict, eval_settings: dict, embed_bits: int, json_out: bool
+) -> dict:
+    """One method in the job folder WORK: decompose (Hessians shared from a calibrated run in WORK) → export →
+    eval, each skipped when already done; its eval result with tag, zero_point and damping."""
+    from caldera.io.run_dir import RunDir
+
+    tag = method_tag(cfg)
+    run, out = RunDir(work / tag / "run"), work / tag / "model"
+    donor = _calibrated_run(work)
+    if donor is not None and donor.root != run.root:
+        donor.share_hessians(run)
+    say(f"[bold]{tag}[/]: decompose → export → eval in {work / tag}", json_out)
+    decompose_run(folder, run.root, None, eval_settings["device"], cfg, calibration, json_out, [])
+    _export_once(run.root, out, embed_bits)
+    settings = eval_settings | {"data": [str(p) for p in eval_settings["data"] or []]}
+    result = _eval_once(out, settings, folder, json_out) | {"tag": tag} | _settings_of(out)
+    if json_out:
+        emit({"tag": tag, "result": result})
+    return result
+
+
 @app.command("run")
 def run_job(
     model: ModelOpt = None,
@@ -150,7 +172,6 @@ def run_job(
     from caldera.config import DecomposeConfig
     from caldera.eval.report import quality_table, write_comparison
     from caldera.io.default_model import default_model_dir
-    from caldera.io.run_dir import RunDir
     from caldera.pipeline.export import ExportError
 
     start, results = time.perf_counter(), []
@@ -174,18 +195,7 @@ def run_job(
         folder = model if model is not None else default_model_dir()
         work = workdir if workdir is not None else default_workdir(folder, calibration)
         for cfg in configs:
-            tag = method_tag(cfg)
-            run, out = RunDir(work / tag / "run"), work / tag / "model"
-            donor = _calibrated_run(work)
-            if donor is not None and donor.root != run.root:
-                donor.share_hessians(run)
-            say(f"[bold]{tag}[/]: decompose → export → eval in {work / tag}", json_out)
-            decompose_run(folder, run.root, None, device, cfg, calibration, json_out, [])
-            _export_once(run.root, out, embed_bits)
-            result = _eval_once(out, eval_settings | {"data": [str(p) for p in eval_data or []]}, folder, json_out)
-            results.append(result | {"tag": tag} | _settings_of(out))
-            if json_out:
-                emit({"tag": tag, "result": results[-1]})
+            results.append(run_method(folder, work, cfg, calibration, eval_settings, embed_bits, json_out))
     except (*decompose_errors(), *eval_errors(), ExportError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -163,3 +163,65 @@ def write_comparison(results: Sequence[dict[str, Any]], out: Path) -> list[Path]
     files[1].write_text(quality_table(results))
     plot_ppl_vs_bits(results, files[2])
     return files
+
+
+SWEEP_COLUMNS = (
+    "tag", "method", "settings", "rank_rule", "samples", "seq_len", "baseline",
+    "bits_per_weight", "bits_per_weight_total", "ppl", "ppl_delta_pct", "pareto",
+)  # fmt: skip
+"""Columns of a sweep's CSV, one row per config."""
+
+
+def sweep_rows(results: Sequence[dict[str, Any]], pareto: Sequence[bool]) -> list[dict[str, Any]]:
+    """The CSV rows of evaluated sweep configs (``pareto``: each row's place on the front)."""
+    return [
+        {k: r.get(k) for k in SWEEP_COLUMNS} | {"settings": settings(r), "pareto": front}
+        for r, front in zip(results, pareto, strict=True)
+    ]
+
+
+def sweep_markdown(name: str, rows: Sequence[dict[str, Any]], baseline_ppl: float | None) -> str:
+    """Markdown: the original, then every config by bits per weight; Pareto-front rows in bold, baselines marked."""
+    lines = [
+        f"# sweep {name}",
+        "",
+        "| config | rank rule | calibration | bits per weight (linears) | ppl | delta % | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if baseline_ppl is not None:
+        lines.append(f"| original (fp16) | | | 16 | {baseline_ppl:.3f} | | |")
+    for r in sorted(rows, key=lambda r: r["bits_per_weight"]):
+        label = f"{r['method']} {r['settings']}"
+        label = f"**{label}**" if r["pareto"] else label
+        mark = "baseline" if r["baseline"] else ("Pareto" if r["pareto"] else "")
+        lines.append(
+            f"| {label} | {r['rank_rule']} | {r['samples']}×{r['seq_len']} | {r['bits_per_weight']:.3f} | "
+            f"{r['ppl']:.3f} | {_fmt(r.get('ppl_delta_pct'), '+.1f')} | {mark} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], baseline_ppl: float | None, path: Path, title: str) -> None:
+    """Perplexity versus bits per weight: the sweep's configs, its Pareto front as a line, baselines labelled."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    configs = [r for r in rows if not r["baseline"]]
+    ax.scatter([r["bits_per_weight"] for r in configs], [r["ppl"] for r in configs], color="tab:blue", label="configs")
+    front = sorted((r for r in configs if r["pareto"]), key=lambda r: r["bits_per_weight"])
+    ax.plot([r["bits_per_weight"] for r in front], [r["ppl"] for r in front], color="tab:blue", label="Pareto front")
+    for r in configs:
+        ax.annotate(
+            r["settings"], (r["bits_per_weight"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+        )
+    for r in (r for r in rows if r["baseline"]):
+        ax.scatter(r["bits_per_weight"], r["ppl"], marker="s", color="tab:red")
+        ax.annotate(f"{r['method']} {r['settings']}", (r["bits_per_weight"], r["ppl"]), fontsize=6, color="tab:red",
+                    xytext=(3, -9), textcoords="offset points")  # fmt: skip
+    if baseline_ppl is not None:
+        ax.axhline(baseline_ppl, color="gray", linestyle="--", label=f"original ({baseline_ppl:.2f})")
+    ax.set(xlabel="bits per weight (linears, every stored byte)", ylabel="perplexity", yscale="log", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
