@@ -318,6 +318,8 @@ def use_max_layers(model: nn.Module, impl: mg.Impl = "fused") -> dict[str, str]:
     fallbacks = {}
     swiglu = getattr(getattr(model, "config", None), "hidden_act", None) in SWIGLU_ACTS
     for name, module in list(model.named_modules()):
+        if isinstance(module, mg.MaxModule):  # routed already
+            continue
         for names in (ATTENTION, ("o_proj",)):
             linears = [getattr(module, n, None) for n in names]
             if not all(isinstance(m, CompressedLinear) for m in linears):

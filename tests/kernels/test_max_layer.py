@@ -106,6 +106,7 @@ def test_logits_of_a_model_through_layer_graphs(exported):
         assert isinstance(layer.self_attn.q_proj, ml.MaxProjection) and isinstance(layer.mlp, ml.MaxMLP)
         logits = model(ids).logits
         again = model(ids[:, :5]).logits  # another token count, same compiled models
+    assert mg.use_max(model, scope="layer") == {} and isinstance(layer.mlp.gate_proj, CompressedLinear)  # no-op
     rel, worst, mean = errors(logits, reference)
     assert rel < 1e-5, f"logits: ||Δ||/||ref|| {rel:.1e}, max |Δ| {worst:.1e}, mean {mean:.1e}"
     assert errors(again, reference[:, :5])[0] < 1e-5
