@@ -53,19 +53,9 @@ SHIPPED_CONFIGS: dict[str, dict[str, Any]] = {
         "max_window_layers": 28,
         "rms_norm_eps": 1e-06,
     },
-    "qwen2.5-72b": _QWEN2_COMMON
-    | {
-        "hidden_size": 8192,
-        "intermediate_size": 29568,
-        "num_hidden_layers": 80,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 131072,
-        "max_window_layers": 80,
-        "rms_norm_eps": 1e-05,
-    },
 }
 """Name -> config.json (public values; the three share vocabulary 152064, untied embeddings, q/k/v biases)."""
+SHIPPED_CONFIGS["qwen2.5-72b"] = SHIPPED_CONFIGS["qwen2-72b"]  # Qwen/Qwen2.5-72B's config.json: the same fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +56,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, error: type[Exception]) -> Iterator[Path]:
+    """A private temporary folder beside ``out`` to fill; renamed to ``out`` (with the umask's mode) when the block
+    ends, removed if it raises, so ``out`` appears whole or not at all. An OSError becomes ``error`` naming ``out``."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise error(f"cannot create {out}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp made it private
+        os.rename(tmp, out)
+    except OSError as e:
+        raise error(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
 
 
 def umask() -> int:

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from caldera.io.packed_format import (
     read_file_metadata,
     read_linear,
 )
-from caldera.io.run_dir import RunDir, umask
+from caldera.io.run_dir import RunDir, atomic_folder
 from caldera.io.shards import ShardReader
 from caldera.pipeline.decompose_model import PROJECTIONS
 from caldera.pipeline.hessians import PROJ_PATH
@@ -333,19 +332,8 @@ def export(run_dir: Path | str, out: Path | str, *, embed_bits: int = 16, layers
     spec = _run_spec(run)
     folder, config = _check_model(spec)
     _check_layers(run, spec, config["num_hidden_layers"])
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise ExportError(f"cannot create {out}: {e.strerror or e}") from None
-    try:
+    with atomic_folder(out, ExportError) as tmp:
         summary = _build(tmp, run, spec, folder, config, embed_bits, layers_per_shard)
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp made it private
-        os.rename(tmp, out)
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
     summary.path = str(out)
     return summary
 

@@ -22,9 +22,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ from safetensors.torch import save_file
 
 from caldera.io.byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, byte_tokenizer
 from caldera.io.model_folder import SUPPORTED_MODEL_TYPES
-from caldera.io.run_dir import umask
+from caldera.io.run_dir import atomic_folder
 from caldera.io.shards import INDEX_FILE
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -162,28 +159,17 @@ def synth(
         raise SynthError(f"{out} already exists; remove it or choose another output folder")
     if shard_bytes < 1:
         raise SynthError(f"shard_bytes={shard_bytes} must be >= 1")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise SynthError(f"cannot create {out}: {e.strerror or e}") from None
-    try:
-        cfg = synth_config(config, layers, dtype)
+    cfg = synth_config(config, layers, dtype)
+    shapes = tensor_shapes(cfg)
+    torch_dtype = DTYPES[dtype]
+    shards = plan_shards(shapes, torch_dtype.itemsize, shard_bytes)
+    total = sum(math.prod(s) for s in shapes.values()) * torch_dtype.itemsize
+    with atomic_folder(out, SynthError) as tmp:
         byte_tokenizer(tmp)
-        shapes = tensor_shapes(cfg)
-        torch_dtype = DTYPES[dtype]
-        shards = plan_shards(shapes, torch_dtype.itemsize, shard_bytes)
         std = float(cfg.get("initializer_range", 0.02))
         weight_map = dict(_write_shards(tmp, shapes, shards, seed, std, torch_dtype, device, on_tensor))
-        total = sum(math.prod(s) for s in shapes.values()) * torch_dtype.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp made it private
-        os.rename(tmp, out)
-    except OSError as e:
-        raise SynthError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
     params = sum(math.prod(s) for s in shapes.values())
     return SynthSummary(str(out), layers, len(shapes), len(shards), total, params, dtype, device)
