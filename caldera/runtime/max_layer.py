@@ -5,7 +5,7 @@ For a group and its input x (s, n), one graph computes (docs/FORMAT.md §6):
 
     x̃_j = U_in,j x          signs (elementwise), then one ``caldera_axis_matmul`` per Kronecker factor of
                              B ⊗ H_a ⊗ H_b (the odd block, two Hadamard factors of n / q); every matrix has signs
-                             of its own (FORMAT.md §2: per-matrix seeds), so the group's distinct U_in run as one
+                             of its own (su/sv per linear, a seed per matrix), so the group's distinct U_in run as one
                              stacked (d, s, n) tensor; linears whose U_in coincide share a row
     ỹ_j = x̃_j (Q + L R)ᵀ    the fused or two-stage op of ``max_graph`` (the bias fused when there is no incoherence)
     y_j = U_out,jᵀ ỹ_j + b   outputs of equal width (k/v, gate/up) stacked through one inverse transform
