@@ -31,6 +31,14 @@ DampingOpt = Annotated[float, typer.Option(help="LDLQ damping, relative to H's m
 ZeroPointOpt = Annotated[
     bool, typer.Option(help="Asymmetric grid with uint8 zero points (the usual GPTQ/RTN grid; counted in bits).")
 ]
+OverridesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="YAML/JSON per-layer rules, pattern -> {rank, bq, bl, br}, e.g. 'layers.0-3.mlp.down_proj: {rank: 128}' "
+        "(later rules win; part of the run's settings).",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
 
 

@@ -15,6 +15,7 @@ from caldera.cli.common import (
     GroupSizeOpt,
     JsonOpt,
     ModelOpt,
+    OverridesOpt,
     ZeroPointOpt,
     app,
     emit,
@@ -65,6 +66,7 @@ def decompose(
     ray_address: Annotated[
         str | None, typer.Option(help="The Ray cluster to join (implies --ray), e.g. auto or ray://head:10001.")
     ] = None,
+    overrides: OverridesOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Decompose q/k/v/o/gate/up/down_proj layer by layer into a run directory; rerun to resume.
@@ -75,6 +77,7 @@ def decompose(
     import time
 
     from caldera.config import DecomposeConfig
+    from caldera.pipeline.overrides import NO_OVERRIDES, load_overrides
 
     start, results = time.perf_counter(), []
     try:
@@ -92,7 +95,9 @@ def decompose(
         )
         calibration = {"samples": samples, "seq_len": seq_len, "calib": calib}
         address = ray_address or ("local" if ray else None)
-        run_dir = decompose_run(model, run, layers, device, cfg, calibration, json_out, results, ray_address=address)
+        rules = load_overrides(overrides) if overrides is not None else NO_OVERRIDES
+        args = (model, run, layers, device, cfg, calibration, json_out, results)
+        run_dir = decompose_run(*args, ray_address=address, overrides=rules)
     except decompose_errors() as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -122,11 +127,21 @@ def decompose_errors() -> tuple[type[Exception], ...]:
 
 
 def decompose_run(
-    model, run, layers, device, cfg, calibration: dict, json_out: bool, results: list, ray_address: str | None = None
+    model,
+    run,
+    layers,
+    device,
+    cfg,
+    calibration: dict,
+    json_out: bool,
+    results: list,
+    ray_address: str | None = None,
+    overrides=None,
 ) -> Path:
-    """Open (or resume) the run, calibrate the layers it lacks Hessians for, decompose layer by layer into
-    ``results`` (on a Ray cluster with ``ray_address``); returns the run directory."""
-    job = _decompose_open(model, run, layers, device, cfg, calibration)
+    """Open (or resume) the run, calibrate the layers it lacks Hessians for, decompose layer by layer (``cfg``
+    with ``overrides``, a caldera.pipeline.overrides.Overrides) into ``results`` (on a Ray cluster with
+    ``ray_address``); returns the run directory."""
+    job = _decompose_open(model, run, layers, device, cfg, calibration, overrides)
     if ray_address is not None:
         from caldera.pipeline.distributed import connect
 
@@ -149,20 +164,21 @@ class _DecomposeJob:
     run: object  # caldera.io.run_dir.RunDir
 
 
-def _decompose_open(model_dir, run_dir, layers_spec, device, cfg, calibration: dict) -> _DecomposeJob:
+def _decompose_open(model_dir, run_dir, layers_spec, device, cfg, calibration: dict, overrides) -> _DecomposeJob:
     """Check the folder, shards, layers and device; the run.json "decompose" section and the run directory."""
     from caldera.io.default_model import cache_root, default_model_dir
     from caldera.io.model_folder import read_model_config
     from caldera.io.run_dir import RunDir
     from caldera.io.shards import ShardReader
     from caldera.pipeline.decompose_model import parse_layers, resolve_device
+    from caldera.pipeline.overrides import NO_OVERRIDES
     from caldera.pipeline.run_decompose import decompose_spec, default_run_dir
 
     folder = model_dir if model_dir is not None else default_model_dir()
     config = read_model_config(folder)
     selected = parse_layers(layers_spec, config["num_hidden_layers"])
     dev, reader = resolve_device(device), ShardReader(folder)
-    spec = decompose_spec(folder, reader, config["num_hidden_layers"], cfg, dev)
+    spec = decompose_spec(folder, reader, config["num_hidden_layers"], cfg, dev, overrides or NO_OVERRIDES)
     if run_dir is None:
         calibration = calibration | {"calib": [str(p.resolve()) for p in calibration["calib"] or []]}
         run_dir = default_run_dir(cache_root(), spec, calibration)

@@ -26,6 +26,7 @@ from caldera.cli.common import (
     GroupSizeOpt,
     JsonOpt,
     ModelOpt,
+    OverridesOpt,
     ZeroPointOpt,
     app,
     emit,
@@ -42,13 +43,17 @@ RUN_EVAL_TOKENS = 16384
 evaluation split (~38k tokens) 16k tokens keep five evaluations to ~1 min each on a 2-core CPU."""
 
 
-def method_tag(cfg) -> str:
-    """Folder name of one method's settings, e.g. caldera-q2-l4-r4-k256-g64-i4 or gptq-q2-g64."""
+def method_tag(cfg, overrides=None) -> str:
+    """Folder name of one method's settings, e.g. caldera-q2-l4-r4-k256-g64-i4 or gptq-q2-g64; per-layer
+    overrides add -o and 8 hex digits of their rules."""
     tag = f"{cfg.method.value}-q{cfg.bq}"
     if cfg.rank:
         tag += f"-l{cfg.bl}-r{cfg.br}-k{cfg.rank}"
     tag += f"-g{cfg.group_size}" + (f"-i{cfg.iters}" if cfg.rank else "")
-    return tag + ("" if cfg.damping == 0.01 else f"-d{cfg.damping:g}") + ("-z" if cfg.zero_point else "")
+    tag += ("" if cfg.damping == 0.01 else f"-d{cfg.damping:g}") + ("-z" if cfg.zero_point else "")
+    if overrides:
+        tag += "-o" + hashlib.sha256(json.dumps(overrides.to_dict()).encode()).hexdigest()[:8]
+    return tag
 
 
 def default_workdir(model: Path, calibration: dict) -> Path:
@@ -122,19 +127,28 @@ def _eval_once(model: Path, settings: dict, baseline: Path, json_out: bool) -> d
 
 
 def run_method(
-    folder: Path, work: Path, cfg, calibration: dict, eval_settings: dict, embed_bits: int, json_out: bool
+    folder: Path,
+    work: Path,
+    cfg,
+    calibration: dict,
+    eval_settings: dict,
+    embed_bits: int,
+    json_out: bool,
+    overrides=None,
 ) -> dict:
-    """One method in the job folder WORK: decompose (Hessians shared from a calibrated run in WORK) → export →
-    eval, each skipped when already done; its eval result with tag, zero_point and damping."""
+    """One method in the job folder WORK: decompose (Hessians shared from a calibrated run in WORK; ``cfg`` with
+    per-layer ``overrides``) → export → eval, each skipped when already done; its eval result with tag,
+    zero_point and damping."""
     from caldera.io.run_dir import RunDir
 
-    tag = method_tag(cfg)
+    tag = method_tag(cfg, overrides)
     run, out = RunDir(work / tag / "run"), work / tag / "model"
     donor = _calibrated_run(work)
     if donor is not None and donor.root != run.root:
         donor.share_hessians(run)
     say(f"[bold]{tag}[/]: decompose → export → eval in {work / tag}", json_out)
-    decompose_run(folder, run.root, None, eval_settings["device"], cfg, calibration, json_out, [])
+    args = (folder, run.root, None, eval_settings["device"], cfg, calibration, json_out, [])
+    decompose_run(*args, overrides=overrides)
     _export_once(run.root, out, embed_bits)
     settings = eval_settings | {"data": [str(p) for p in eval_settings["data"] or []]}
     result = _eval_once(out, settings, folder, json_out) | {"tag": tag} | _settings_of(out)
@@ -166,6 +180,7 @@ def run_job(
     workdir: Annotated[
         Path | None, typer.Option(help="Job folder (default: one per model and settings in the cache).")
     ] = None,
+    overrides: OverridesOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """The whole job: calibrate → decompose → export → eval for each method, then the quality table."""
@@ -173,6 +188,7 @@ def run_job(
     from caldera.eval.report import quality_table, write_comparison
     from caldera.io.default_model import default_model_dir
     from caldera.pipeline.export import ExportError
+    from caldera.pipeline.overrides import load_overrides
 
     start, results = time.perf_counter(), []
     calibration = {"samples": samples, "seq_len": seq_len, "calib": calib}
@@ -192,10 +208,12 @@ def run_job(
             )
             for m in methods.split(",")
         ]
+        rules = load_overrides(overrides) if overrides is not None else None
         folder = model if model is not None else default_model_dir()
         work = workdir if workdir is not None else default_workdir(folder, calibration)
         for cfg in configs:
-            results.append(run_method(folder, work, cfg, calibration, eval_settings, embed_bits, json_out))
+            own = rules if cfg.method.value == "caldera" else None  # rank/BL/BR rules are CALDERA's
+            results.append(run_method(folder, work, cfg, calibration, eval_settings, embed_bits, json_out, own))
     except (*decompose_errors(), *eval_errors(), ExportError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:

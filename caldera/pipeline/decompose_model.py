@@ -20,6 +20,7 @@ from torch import nn
 from caldera.config import ConfigError, DecomposeConfig
 from caldera.core.decompose import Decomposition, decompose
 from caldera.pipeline.hessians import PROJ_PATH, Hessians, decoder_layers
+from caldera.pipeline.overrides import NO_OVERRIDES, Overrides
 
 PROJECTIONS = tuple(PROJ_PATH)
 """q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: the order they are decomposed in."""
@@ -114,18 +115,20 @@ def decompose_layer(
     *,
     keep: bool = False,
     on_matrix: Callable[[int, str, MatrixResult], None] | None = None,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> LayerResult:
     """Decompose the projections of one layer: ``weights`` {proj: W (m, n)}, ``hessian_of(proj)`` -> H (n, n).
 
-    Every matrix uses its own seed and clamped rank; ``on_matrix`` is called after each matrix; ``keep``
-    keeps each Decomposition in its MatrixResult.
+    Every matrix uses its own seed and clamped rank, and ``cfg`` with the ``overrides`` that match it;
+    ``on_matrix`` is called after each matrix; ``keep`` keeps each Decomposition in its MatrixResult.
     """
     device = torch.device(device)
     results = {}
     for proj in PROJECTIONS:
         w = weights[proj].detach()  # (m, n)
-        rank = clamped_rank(cfg.rank, tuple(w.shape))
-        mcfg = dataclasses.replace(cfg, rank=rank, seed=projection_seed(cfg.seed, layer, proj))
+        own = overrides.apply(cfg, layer, proj)
+        rank = clamped_rank(own.rank, tuple(w.shape))
+        mcfg = dataclasses.replace(own, rank=rank, seed=projection_seed(cfg.seed, layer, proj))
         dec = decompose(w.to(device, torch.float32), hessian_of(proj).float(), mcfg)  # H stays on the CPU
         results[proj] = MatrixResult(
             dec.act_err, dec.fro_err, dec.bits_per_weight(), dec.seconds, dec.rank, w.numel(), dec if keep else None

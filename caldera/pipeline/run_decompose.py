@@ -46,6 +46,8 @@ from caldera.pipeline.decompose_model import (
     rank_clamps,
 )
 from caldera.pipeline.hessians import PROJ_GROUP, PROJ_PATH
+from caldera.pipeline.overrides import NO_OVERRIDES, Overrides
+from caldera.pipeline.overrides import SPEC_KEY as OVERRIDES_KEY
 
 SECTION = "decompose"  # run.json section
 LAYER_DELAY_ENV = "CALDERA_TEST_LAYER_DELAY"
@@ -73,17 +75,25 @@ def projection_shapes(reader: ShardReader, num_layers: int) -> dict[tuple[int, s
 
 
 def decompose_spec(
-    folder: Path, reader: ShardReader, num_layers: int, cfg: DecomposeConfig, device: torch.device | str = "cpu"
+    folder: Path,
+    reader: ShardReader,
+    num_layers: int,
+    cfg: DecomposeConfig,
+    device: torch.device | str = "cpu",
+    overrides: Overrides = NO_OVERRIDES,
 ) -> dict[str, Any]:
-    """The run.json "decompose" section: the config, the model (path and config.json sha256), rank clamps, and
-    the device type (cpu, cuda): float rounding differs between devices, so a run stays on one."""
+    """The run.json "decompose" section: the config, the model (path and config.json sha256), rank clamps, the
+    device type (cpu, cuda: float rounding differs between devices, so a run stays on one), and the per-layer
+    overrides when there are any."""
+    overrides.check(cfg, num_layers)
     clamps = rank_clamps(projection_shapes(reader, num_layers), cfg.rank)
-    return cfg.to_dict() | {
+    spec = cfg.to_dict() | {
         "device": torch.device(device).type,
         "model": str(Path(folder).resolve()),
         "model_config_sha256": hashlib.sha256((Path(folder) / "config.json").read_bytes()).hexdigest(),
         "rank_clamps": {proj: k for proj, (_, k) in sorted(clamps.items())},
     }
+    return spec | ({OVERRIDES_KEY: overrides.to_dict()} if overrides else {})
 
 
 def default_run_dir(cache: Path, spec: dict[str, Any], calibration: dict[str, Any]) -> Path:
@@ -222,7 +232,10 @@ def decompose_layer_into_run(
     without its decompositions (the file has them). Local runs and Ray tasks both go through here."""
     device = torch.device(device)
     weights, biases, hessian_of = _layer_inputs(reader, run, layer)
-    result = decompose_layer(layer, weights, hessian_of, cfg, device, keep=True, on_matrix=on_matrix)
+    overrides = Overrides.from_spec(spec)
+    result = decompose_layer(
+        layer, weights, hessian_of, cfg, device, keep=True, on_matrix=on_matrix, overrides=overrides
+    )
     tensors, header = layer_file(result, biases, spec, device)
     atomic_write(run.layer_path(layer), lambda p: save_file(tensors, str(p), metadata=header))
     for r in result.proj.values():
