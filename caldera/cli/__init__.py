@@ -4,7 +4,9 @@ Heavy imports (torch, transformers) happen inside the commands so that `caldera 
 Every stage has `--json`: one JSON object per line on stdout, human output on stderr.
 """
 
-from caldera.cli import plan, synth, calibrate, decompose, export, evaluate, run_job, sweep, bench_decompose, bench  # noqa: F401, I001 (stage order)
+# stage order: plan, synth, calibrate, allocate, decompose, export, eval, run, sweep, benches
+from caldera.cli import plan, synth, calibrate, allocate, decompose, export, evaluate  # noqa: F401, I001
+from caldera.cli import run_job, sweep, bench_decompose, bench  # noqa: F401, I001
 from caldera.cli.common import app
 
 __all__ = ["app", "main"]
