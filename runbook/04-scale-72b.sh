@@ -4,12 +4,12 @@
 #
 #   bash runbook/04-scale-72b.sh [WORK] [OUT]        WORK: scratch folder (~35 GB for 2 layers), OUT: results
 #
-# Environment (defaults): SHAPE=qwen2-72b LAYERS=2 SAMPLES=64 SEQ=2048 BATCH=4 DEVICE=cuda
+# Environment (defaults): SHAPE=qwen2-72b LAYERS=2 SAMPLES=64 SEQ=2048 BATCH=2 DEVICE=cuda (BATCH=4: 22.7 GB peak)
 #   BENCH_SHAPES=8192x8192,1024x8192,29568x8192,8192x29568 (empty: no benchmark). Every stage resumes.
 set -euo pipefail
 WORK=${1:-/tmp/caldera-72b}
 OUT=${2:-runbook/results}
-SHAPE=${SHAPE:-qwen2-72b} LAYERS=${LAYERS:-2} SAMPLES=${SAMPLES:-64} SEQ=${SEQ:-2048} BATCH=${BATCH:-4}
+SHAPE=${SHAPE:-qwen2-72b} LAYERS=${LAYERS:-2} SAMPLES=${SAMPLES:-64} SEQ=${SEQ:-2048} BATCH=${BATCH:-2}
 DEVICE=${DEVICE:-cuda} BENCH_SHAPES=${BENCH_SHAPES-8192x8192,1024x8192,29568x8192,8192x29568}
 export PYTHONUNBUFFERED=1
 mkdir -p "$WORK" "$OUT"
