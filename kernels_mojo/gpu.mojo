@@ -5,15 +5,19 @@ m16n8k16 (bf16 or fp16 operands, float32 accumulators). Lane 4g + q reads 16 byt
 g + 8 per K step: a chunk of 128/bits consecutive columns inside one quantization group, so one scale per row and
 chunk. The mma's logical k indices are mapped onto the chunk's columns in the order in which a shift, a mask and an
 OR with the exponent bits of 2^7 (bf16) or 2^10 (fp16) turn two codes of a 32-bit word into one bf16x2/f16x2
-register: columns (j, j + 16/bits). The activations (B operand) are read in their natural layout with 16-byte
-loads and paired to match by byte permutes. Nothing is staged or repacked: the kernels read docs/FORMAT.md's
-tensors as stored. K steps cover 4 chunks (256 columns at 2 bits, 128 at 4, 32 at 16).
+register: columns (j, j + 16/bits). The activations (B operand) are paired to the same order by byte permutes.
+The weights are read as docs/FORMAT.md stores them. K steps cover 4 chunks (256 columns at 2 bits, 128 at 4, 32 at
+16).
 
-Launch shapes (both use `warp_part`):
-    s ≤ SMALL_S (decode)  block = one 16-row tile, its 8 warps split the K steps, partial sums meet in shared memory
-    larger s              block = 8 row tiles (a warp each) over all K steps, in passes of 8·NT_WIDE tokens
-The low-rank term runs the same routine twice: t = x·Rᵀ (P_SPLIT partial sums over interleaved K steps, so that
-enough blocks run), then t·Lᵀ appended to the K loop of x·Qᵀ (summing the partials while reading t).
+Launch shapes:
+    s ≤ SMALL_S (decode)  block = one 16-row tile, its 8 warps take every 8th K step (B read from global memory:
+                          x is small and stays in L1/L2), partial sums meet in shared memory
+    larger s              block = 8 row tiles (a warp each, 128 rows) × 64 tokens over all K steps: the block
+                          stages each step's activation tile in shared memory already permuted into mma B
+                          fragments (one 8-byte load per lane and mma, the tile read from global memory once per
+                          block instead of once per warp), the next step's codes in flight meanwhile
+The low-rank term runs the same routines twice: t = x·Rᵀ (P_SPLIT partial sums over K steps), then t·Lᵀ appended
+to the K loop of x·Qᵀ (summing the partials while reading t).
 """
 
 from std.math import ceildiv
@@ -29,9 +33,17 @@ comptime THREADS = 32 * WARPS
 comptime P_SPLIT = 4
 """Partial sums of t = x·Rᵀ: t_parts is (P_SPLIT, s, k) float32."""
 comptime SMALL_S = 8
-"""Token counts up to this use the split-K launch with one 8-token tile."""
+"""Token counts up to this use the decode launch (one 8-token mma tile)."""
 comptime NT_WIDE = 8
 """8-token tiles per pass of the wide launch (64 tokens)."""
+comptime X_WORDS = 32 * 256
+"""Wide launch: 32-bit words of one staged activation step (64 tokens × 256 columns of 16-bit values)."""
+comptime SMS = 132
+"""Streaming multiprocessors of the H100 SXM the launch rule was measured on (`one_launch`)."""
+comptime B_X = 0
+comptime B_T = 1
+comptime B_SHARED = 2
+"""Where `mma_step` reads the B operand: x or t_parts in global memory, or the staged shared tile."""
 
 
 @always_inline
@@ -53,6 +65,12 @@ def load16(row: Pointer[UInt8, _], byte0: Int, row_bytes: Int, valid: Bool, alig
         return 0
     if aligned and byte0 + 16 <= row_bytes:
         return bitcast[DType.uint32, 4](row.unsafe_load[width=16, alignment=16](byte0))
+    return load16_edge(row, byte0, row_bytes)
+
+
+@no_inline
+def load16_edge(row: Pointer[UInt8, _], byte0: Int, row_bytes: Int) -> SIMD[DType.uint32, 4]:
+    """`load16` for an unaligned row or the row's last bytes, byte by byte (out of line: rare, and kept small)."""
     var v = SIMD[DType.uint8, 16](0)
     comptime for i in range(16):
         if byte0 + i < row_bytes:
@@ -70,9 +88,15 @@ def load_x8[
     var base = token * ncols + col
     if aligned and col + 8 <= ncols:
         return bitcast[DType.uint32, 4](x.unsafe_load[width=8, alignment=16](base))
+    return load_x8_edge[dtype](x, base, ncols - col)
+
+
+@no_inline
+def load_x8_edge[dtype: DType](x: Pointer[Scalar[dtype], _], base: Int, avail: Int) -> SIMD[DType.uint32, 4]:
+    """`load_x8` for unaligned rows or a row's end: the first min(8, avail) values from x[base], zeros after."""
     var v = SIMD[dtype, 8](0)
     comptime for i in range(8):
-        if col + i < ncols:
+        if i < avail:
             v[i] = x[unsafe_offset=base + i]
     return bitcast[DType.uint32, 4](v)
 
@@ -84,15 +108,22 @@ def load_t8[
     """Σ_p t_parts[p, token, col : col + 8] rounded to `dtype`, as 4 words of pairs; zeros out of range."""
     if token >= s or col >= k:
         return 0
+    if k % 4 != 0 or col + 8 > k:
+        return load_t8_edge[dtype](t_parts, token, col, s, k)
+    var total = SIMD[DType.float32, 8](0)
+    comptime for p in range(P_SPLIT):
+        total += t_parts.unsafe_load[width=8, alignment=16]((p * s + token) * k + col)
+    return bitcast[DType.uint32, 4](total.cast[dtype]())
+
+
+@no_inline
+def load_t8_edge[dtype: DType](t_parts: Pointer[Float32, _], token: Int, col: Int, s: Int, k: Int) -> SIMD[DType.uint32, 4]:
+    """`load_t8` for unaligned t or the last columns, value by value (out of line)."""
     var total = SIMD[DType.float32, 8](0)
     for p in range(P_SPLIT):
-        var base = (p * s + token) * k + col
-        if k % 4 == 0 and col + 8 <= k:
-            total += t_parts.unsafe_load[width=8, alignment=16](base)
-        else:
-            comptime for i in range(8):
-                if col + i < k:
-                    total[i] += t_parts[unsafe_offset=base + i]
+        comptime for i in range(8):
+            if col + i < k:
+                total[i] += t_parts[unsafe_offset=(p * s + token) * k + col + i]
     return bitcast[DType.uint32, 4](total.cast[dtype]())
 
 
@@ -132,82 +163,84 @@ def fp16_pair[dtype: DType](word: UInt32) -> SIMD[dtype, 2]:
 
 
 @always_inline
-def warp_part[
-    bits: Int, group: Int, NT: Int, dtype: DType, from_t: Bool
+def load_step[
+    bits: Int, group: Int
+](
+    data: Pointer[UInt8, _], scales: Pointer[Float16, _], ra: Int, nrows: Int, ncols: Int, col0: Int
+) -> Tuple[SIMD[DType.uint32, 4], SIMD[DType.uint32, 4], SIMD[DType.float16, 2]]:
+    """One lane's chunk at column col0 of rows ra and ra + 8: 16 code bytes of each and their two scales."""
+    var rb = ra + 8
+    var row_bytes = ceildiv(ncols * bits, 8)
+    var aligned = row_bytes % 16 == 0
+    var pa = data.unsafe_offset(ra * row_bytes)
+    var pb = data.unsafe_offset(rb * row_bytes)
+    var wa = load16(pa, col0 * bits // 8, row_bytes, ra < nrows, aligned)
+    var wb = load16(pb, col0 * bits // 8, row_bytes, rb < nrows, aligned)
+    var sc = SIMD[DType.float16, 2](0)
+    comptime if bits < 16:
+        var groups = ceildiv(ncols, group)
+        var gi = col0 // group
+        if gi < groups and ra < nrows:
+            sc[0] = scales[unsafe_offset=ra * groups + gi]
+        if gi < groups and rb < nrows:
+            sc[1] = scales[unsafe_offset=rb * groups + gi]
+    return (wa, wb, sc)
+
+
+@always_inline
+def mma_step[
+    bits: Int, NT: Int, dtype: DType, b_src: Int
 ](
     mut acc: SIMD[DType.float32, 4 * NT],
-    data: Pointer[UInt8, _],
-    scales: Pointer[Float16, _],
-    nrows: Int,
-    row0: Int,
-    ncols: Int,
-    step0: Int,
-    step_stride: Int,
+    wa: SIMD[DType.uint32, 4],
+    wb: SIMD[DType.uint32, 4],
+    sc: SIMD[DType.float16, 2],
+    col0: Int,
     x: Pointer[Scalar[dtype], _],
     t_parts: Pointer[Float32, _],
     s: Int,
+    ncols: Int,
     tok0: Int,
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
-    """Acc += W[row0 : row0 + 16] · B[tok0 : tok0 + 8·NT]ᵀ over the K steps step0, step0 + step_stride, ...
+    """Acc += the lane's dequantized chunk (rows g, g + 8; columns col0 …) times B, for token tiles tok0 + 8·nt.
 
-    W: one stored part (nrows × ncols; `bits` 2 or 4 packed with fp16 scales per `group`, or 16 = fp16 values).
-    B: x (s, ncols) in `dtype`, or with `from_t` the float32 partial sums t_parts (P_SPLIT, s, ncols).
-    acc[4·nt : 4·nt + 4] is the mma C fragment of token tile nt: rows (g, g + 8) × tokens (2q, 2q + 1).
+    B: x (s, ncols) (B_X), the float32 partial sums t_parts (P_SPLIT, s, ncols) (B_T), or the staged tile xs
+    (B_SHARED, `stage_store`). acc[4·nt : 4·nt + 4] is the mma C fragment of token tile nt: rows (g, g + 8) ×
+    tokens (2q, 2q + 1).
     """
     comptime assert bits == 2 or bits == 4 or bits == 16, "GPU parts are 2-, 4-bit or fp16"
-    comptime chunk = chunk_cols[bits]()
     comptime offset = Float32((1 << bits) - 1) / 2
+    comptime words = 1 if bits == 16 else 4  # word blocks per chunk (fp16: the chunk is one block)
+    comptime block_cols = chunk_cols[bits]() // words  # 16 (2-bit), 8 (4-bit or fp16)
+    comptime mmas = block_cols // 4  # per block: 4, 2, 2
     var lane = Int(lane_id())
-    var g, q = lane // 4, lane % 4
-    var row_bytes = ceildiv(ncols * bits, 8)
-    var groups = ceildiv(ncols, group) if bits < 16 else 0
-    var ra, rb = row0 + g, row0 + g + 8
-    var aligned, x_aligned = row_bytes % 16 == 0, ncols % 8 == 0
-    var pa = data.unsafe_offset(ra * row_bytes)
-    var pb = data.unsafe_offset(rb * row_bytes)
-    var nsteps = ceildiv(ncols, step_cols[bits]())
-    for step in range(step0, nsteps, step_stride):
-        var col0 = step * step_cols[bits]() + q * chunk
-        var wa = load16(pa, col0 * bits // 8, row_bytes, ra < nrows, aligned)
-        var wb = load16(pb, col0 * bits // 8, row_bytes, rb < nrows, aligned)
-        var sa, sb = SIMD[dtype, 2](0), SIMD[dtype, 2](0)
-        comptime if bits < 16:
-            var gi = col0 // group
-            if gi < groups and ra < nrows:
-                sa = SIMD[dtype, 2](scales[unsafe_offset=ra * groups + gi].cast[dtype]())
-            if gi < groups and rb < nrows:
-                sb = SIMD[dtype, 2](scales[unsafe_offset=rb * groups + gi].cast[dtype]())
-        var sha, shb = sa * Scalar[dtype](-offset), sb * Scalar[dtype](-offset)
-        comptime words = 1 if bits == 16 else 4  # word blocks per chunk (fp16: the chunk is one block)
-        comptime block_cols = chunk // words  # 16 (2-bit), 8 (4-bit or fp16)
-        comptime mmas = block_cols // 4  # per block: 4, 2, 2
-        comptime for blk in range(words):
-            # A fragments of this block's mmas: [row g lo, row g+8 lo, row g hi, row g+8 hi]
+    var g = lane // 4
+    var sa, sb = SIMD[dtype, 2](sc[0].cast[dtype]()), SIMD[dtype, 2](sc[1].cast[dtype]())
+    var sha, shb = sa * Scalar[dtype](-offset), sb * Scalar[dtype](-offset)
+    var x_aligned = ncols % 8 == 0
+    comptime for blk in range(words):
+        comptime if b_src == B_SHARED:  # one A fragment live at a time, its B fragments one 8-byte load each
+            comptime for h in range(mmas):
+                var a = a_operand[bits, dtype](wa, wb, blk, h, sa, sha, sb, shb)
+                comptime for nt in range(NT):
+                    if nt * 8 < s - tok0:  # warp-uniform: skip tiles past the last token
+                        var d = acc.slice[4, offset = 4 * nt]()
+                        var b = xs.unsafe_load[width=2, alignment=8]((((blk * mmas + h) * 8 + nt) * 32 + lane) * 2)
+                        mma(d, a, bitcast[dtype, 4](b), d)
+                        acc = acc.insert[offset = 4 * nt](d)
+        else:
             var a_frag = SIMD[dtype, 8 * mmas](0)
             comptime for h in range(mmas):
-                var a: SIMD[dtype, 8]
-                comptime if bits == 16:
-                    a = (fp16_pair[dtype](wa[2 * h]).join(fp16_pair[dtype](wb[2 * h]))).join(
-                        fp16_pair[dtype](wa[2 * h + 1]).join(fp16_pair[dtype](wb[2 * h + 1]))
-                    )
-                else:
-                    a = (
-                        decode_pair[bits, dtype](wa[blk], 2 * h, sa, sha).join(
-                            decode_pair[bits, dtype](wb[blk], 2 * h, sb, shb)
-                        )
-                    ).join(
-                        decode_pair[bits, dtype](wa[blk], 2 * h + 1, sa, sha).join(
-                            decode_pair[bits, dtype](wb[blk], 2 * h + 1, sb, shb)
-                        )
-                    )
-                a_frag = a_frag.insert[offset = 8 * h](a)
+                a_frag = a_frag.insert[offset = 8 * h](a_operand[bits, dtype](wa, wb, blk, h, sa, sha, sb, shb))
             var col = col0 + blk * block_cols
             comptime for nt in range(NT):
-                if nt * 8 < s - tok0:  # warp-uniform: skip tiles past the last token
+                if nt * 8 < s - tok0:
+                    var d = acc.slice[4, offset = 4 * nt]()
                     var token = tok0 + nt * 8 + g
                     var n0: SIMD[DType.uint32, 4]
                     var n1 = SIMD[DType.uint32, 4](0)
-                    comptime if from_t:
+                    comptime if b_src == B_T:
                         n0 = load_t8[dtype](t_parts, token, col, s, ncols)
                         comptime if block_cols == 16:
                             n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
@@ -216,18 +249,169 @@ def warp_part[
                         comptime if block_cols == 16:
                             n1 = load_x8[dtype](x, token, col + 8, s, ncols, x_aligned)
                     var nat = n0.join(n1)  # words of natural column pairs (0,1), (2,3), ...
-                    var d = acc.slice[4, offset = 4 * nt]()
                     comptime for h in range(mmas):
-                        var b: SIMD[dtype, 4]
-                        comptime if bits == 16:
-                            b = half2[dtype](nat[2 * h]).join(half2[dtype](nat[2 * h + 1]))
-                        else:
-                            comptime d2 = block_cols // 4  # word distance between columns j and j + block_cols/2
-                            b = half2[dtype](pair_lo(nat[h], nat[h + d2])).join(
-                                half2[dtype](pair_hi(nat[h], nat[h + d2]))
-                            )
-                        mma(d, a_frag.slice[8, offset = 8 * h](), b, d)
+                        var b = b_words[bits](nat, h)
+                        mma(d, a_frag.slice[8, offset = 8 * h](), bitcast[dtype, 4](b), d)
                     acc = acc.insert[offset = 4 * nt](d)
+
+
+@always_inline
+def a_operand[
+    bits: Int, dtype: DType
+](
+    wa: SIMD[DType.uint32, 4],
+    wb: SIMD[DType.uint32, 4],
+    blk: Int,
+    h: Int,
+    sa: SIMD[dtype, 2],
+    sha: SIMD[dtype, 2],
+    sb: SIMD[dtype, 2],
+    shb: SIMD[dtype, 2],
+) -> SIMD[dtype, 8]:
+    """The A fragment of mma h of word block blk: [row g lo, row g+8 lo, row g hi, row g+8 hi] (dequantized)."""
+    comptime if bits == 16:
+        return (fp16_pair[dtype](wa[2 * h]).join(fp16_pair[dtype](wb[2 * h]))).join(
+            fp16_pair[dtype](wa[2 * h + 1]).join(fp16_pair[dtype](wb[2 * h + 1]))
+        )
+    return (
+        decode_pair[bits, dtype](wa[blk], 2 * h, sa, sha).join(decode_pair[bits, dtype](wb[blk], 2 * h, sb, shb))
+    ).join(
+        decode_pair[bits, dtype](wa[blk], 2 * h + 1, sa, sha).join(decode_pair[bits, dtype](wb[blk], 2 * h + 1, sb, shb))
+    )
+
+
+@always_inline
+def b_words[bits: Int](nat: SIMD[DType.uint32, 8], h: Int) -> SIMD[DType.uint32, 2]:
+    """The B fragment words of mma h of a block from its natural column pairs: the chunk's column order."""
+    comptime if bits == 16:
+        return SIMD[DType.uint32, 2](nat[2 * h], nat[2 * h + 1])
+    comptime d2 = chunk_cols[bits]() // 16  # word distance between columns j and j + block_cols/2: 4 or 2
+    return SIMD[DType.uint32, 2](pair_lo(nat[h], nat[h + d2]), pair_hi(nat[h], nat[h + d2]))
+
+
+@always_inline
+def segment(nsteps: Int, parts: Int, i: Int) -> Tuple[Int, Int]:
+    """Steps [first, last) of part i when nsteps K steps are cut into `parts` contiguous ranges."""
+    var per = ceildiv(nsteps, parts)
+    return (min(i * per, nsteps), min((i + 1) * per, nsteps))
+
+
+@always_inline
+def decode_warp[
+    bits: Int, group: Int, dtype: DType, b_src: Int
+](
+    mut acc: SIMD[DType.float32, 4],
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    nrows: Int,
+    row0: Int,
+    ncols: Int,
+    step0: Int,
+    stride: Int,
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+):
+    """Decode: acc += W[row0 : row0 + 16, K steps step0, step0 + stride, …] · B[0 : 8]ᵀ (B from global memory)."""
+    comptime cols = step_cols[bits]()
+    var q, ra = Int(lane_id()) % 4, row0 + Int(lane_id()) // 4
+    for step in range(step0, ceildiv(ncols, cols), stride):
+        var col0 = step * cols + q * chunk_cols[bits]()
+        var c = load_step[bits, group](data, scales, ra, nrows, ncols, col0)
+        mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
+
+
+@always_inline
+def stage_load[
+    bits: Int, dtype: DType, from_t: Bool
+](
+    x: Pointer[Scalar[dtype], _], t_parts: Pointer[Float32, _], s: Int, ncols: Int, tok0: Int, step: Int
+) -> SIMD[DType.uint32, 32]:
+    """Wide launch: this thread's units of the activation tile of one K step, as natural column pairs.
+
+    A unit is (token tile nt, lane g·4 + q, word block blk): token tok0 + 8·nt + g, the block_cols columns of block
+    blk in chunk q; unit u = thread + THREADS·i has q = u % 4, g = u / 4 % 8, nt = u / 32 % 8, blk = i.
+    """
+    comptime words = 1 if bits == 16 else 4
+    comptime block_cols = chunk_cols[bits]() // words
+    var tid = Int(thread_idx.x)
+    var q, g, nt = tid % 4, (tid // 4) % 8, (tid // 32) % 8
+    var token = tok0 + nt * 8 + g
+    var out = SIMD[DType.uint32, 32](0)
+    comptime for blk in range(words):
+        var col = step * step_cols[bits]() + q * chunk_cols[bits]() + blk * block_cols
+        var n0: SIMD[DType.uint32, 4]
+        var n1 = SIMD[DType.uint32, 4](0)
+        comptime if from_t:
+            n0 = load_t8[dtype](t_parts, token, col, s, ncols)
+            comptime if block_cols == 16:
+                n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
+        else:
+            n0 = load_x8[dtype](x, token, col, s, ncols, ncols % 8 == 0)
+            comptime if block_cols == 16:
+                n1 = load_x8[dtype](x, token, col + 8, s, ncols, ncols % 8 == 0)
+        out = out.insert[offset = 8 * blk](n0.join(n1))
+    return out
+
+
+@always_inline
+def stage_store[bits: Int](nat: SIMD[DType.uint32, 32], xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED]):
+    """This thread's units (`stage_load`) as B fragments: words [((blk·mmas + h)·8 + nt)·32 + lane]·2 + {0, 1}."""
+    comptime words = 1 if bits == 16 else 4
+    comptime mmas = chunk_cols[bits]() // words // 4
+    var tid = Int(thread_idx.x)
+    var slot, nt = tid % 32, (tid // 32) % 8
+    comptime for blk in range(words):
+        var w = nat.slice[8, offset = 8 * blk]()
+        comptime for h in range(mmas):
+            xs.unsafe_store[alignment=8]((((blk * mmas + h) * 8 + nt) * 32 + slot) * 2, b_words[bits](w, h))
+
+
+@always_inline
+def wide_part[
+    bits: Int, group: Int, dtype: DType, from_t: Bool
+](
+    mut acc: SIMD[DType.float32, 4 * NT_WIDE],
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    nrows: Int,
+    row0: Int,
+    ncols: Int,
+    first: Int,
+    last: Int,
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    tok0: Int,
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+):
+    """Wide launch (block-wide, steps block-uniform): acc += W[row0 : row0 + 16, steps first … last) · B[tok0 …]ᵀ.
+
+    Each step's activation tile goes through shared memory (`stage_store`); the next step's codes and activations
+    are loaded while the warps run the current one.
+    """
+    comptime cols = step_cols[bits]()
+    comptime chunk = chunk_cols[bits]()
+    if first >= last:
+        return
+    var lane = Int(lane_id())
+    var g, q = lane // 4, lane % 4
+    var ra = row0 + g
+    var nat = stage_load[bits, dtype, from_t](x, t_parts, s, ncols, tok0, first)
+    var cur = load_step[bits, group](data, scales, ra, nrows, ncols, first * cols + q * chunk)
+    for step in range(first, last):
+        barrier()  # every warp is done with the previous tile
+        stage_store[bits](nat, xs)
+        barrier()
+        var nxt = cur
+        if step + 1 < last:
+            nat = stage_load[bits, dtype, from_t](x, t_parts, s, ncols, tok0, step + 1)
+            nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q * chunk)
+        mma_step[bits, NT_WIDE, dtype, B_SHARED](
+            acc, cur[0], cur[1], cur[2], step * cols + q * chunk, x, t_parts, s, ncols, tok0, xs
+        )
+        cur = nxt
 
 
 @always_inline
@@ -238,8 +422,10 @@ def fragment_coords(lane: Int, i: Int) -> Tuple[Int, Int]:
 
 
 @always_inline
-def reduce_warps(acc: SIMD[DType.float32, 4], red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED]) -> Tuple[Bool, Float32, Int, Int]:
-    """Sum one 16×8 C fragment over the block's warps; (holder, value, row, token) for threads < 128."""
+def reduce_warps(
+    acc: SIMD[DType.float32, 4], red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED]
+) -> Tuple[Bool, Float32, Int, Int]:
+    """Decode: one 16×8 C fragment summed over the block's warps; (holder, value, row, token) for threads < 128."""
     var tid = Int(thread_idx.x)
     var w, lane = Int(warp_id()), Int(lane_id())
     comptime for i in range(4):
@@ -282,6 +468,7 @@ def project_block[
 ](
     bid: Int,
     red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
     t_parts: Pointer[mut=True, Float32, _],
     x: Pointer[Scalar[dtype], _],
     r_data: Pointer[UInt8, _],
@@ -290,15 +477,13 @@ def project_block[
     n: Int,
     k: Int,
 ):
-    """Block `bid` of stage 1: its rows of t_parts[p] (partial sums over the K steps p, p + P_SPLIT, ...)."""
+    """Block `bid` of stage 1: its rows of t_parts[p], the partial sum over K segment p."""
     var w, lane = Int(warp_id()), Int(lane_id())
     var p = bid % P_SPLIT
-    comptime if not wide:
+    comptime if not wide:  # one 16-row tile per block, its warps taking every (P_SPLIT·WARPS)-th K step
         var rt = bid // P_SPLIT
         var acc = SIMD[DType.float32, 4](0)
-        warp_part[br, gr, 1, dtype, False](
-            acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, 0
-        )
+        decode_warp[br, gr, dtype, B_X](acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, xs)
         var r = reduce_warps(acc, red)
         var row = 16 * rt + r[2]
         if r[0] and row < k and r[3] < s:
@@ -307,14 +492,14 @@ def project_block[
         var rest = bid // P_SPLIT
         var tok0 = (rest % passes(s)) * 8 * NT_WIDE
         var rt = (rest // passes(s)) * WARPS + w
-        if 16 * rt < k:
-            var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
-            warp_part[br, gr, NT_WIDE, dtype, False](acc, r_data, r_scales, k, 16 * rt, n, p, P_SPLIT, x, t_parts, s, tok0)
-            comptime for e in range(4 * NT_WIDE):
-                var rc = fragment_coords(lane, e % 4)
-                var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
-                if row < k and token < s:
-                    t_parts[unsafe_offset=(p * s + token) * k + row] = acc[e]
+        var seg = segment(ceildiv(n, step_cols[br]()), P_SPLIT, p)
+        var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
+        wide_part[br, gr, dtype, False](acc, r_data, r_scales, k, 16 * rt, n, seg[0], seg[1], x, t_parts, s, tok0, xs)
+        comptime for e in range(4 * NT_WIDE):
+            var rc = fragment_coords(lane, e % 4)
+            var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+            if row < k and token < s:
+                t_parts[unsafe_offset=(p * s + token) * k + row] = acc[e]
 
 
 @always_inline
@@ -332,6 +517,7 @@ def apply_block[
 ](
     bid: Int,
     red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
     y: Pointer[mut=True, Scalar[dtype], _],
     x: Pointer[Scalar[dtype], _],
     t_parts: Pointer[Float32, _],
@@ -351,24 +537,28 @@ def apply_block[
     """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused`, t is ready once sync[0] = wait_count.
     """
     var w, lane = Int(warp_id()), Int(lane_id())
-    comptime NT = NT_WIDE if wide else 1
-    var rt, tok0, step0, stride = bid, 0, w, WARPS
-    comptime if wide:
-        rt, tok0, step0, stride = (bid // passes(s)) * WARPS + w, (bid % passes(s)) * 8 * NT_WIDE, 0, 1
-    var acc = SIMD[DType.float32, 4 * NT](0)
-    warp_part[bq, gq, NT, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, step0, stride, x, t_parts, s, tok0)
-    if k > 0:
-        comptime if fused:
-            wait_for(sync, wait_count)
-        warp_part[bl, gl, NT, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, step0, stride, x, t_parts, s, tok0)
-    comptime if not wide:
-        var r = reduce_warps(rebind[SIMD[DType.float32, 4]](acc), red)
-        var row = 16 * rt + r[2]
+    comptime if not wide:  # one 16-row tile per block, its warps taking every WARPS-th K step of Q, then of L
+        var acc = SIMD[DType.float32, 4](0)
+        decode_warp[bq, gq, dtype, B_X](acc, q_codes, q_scales, m, 16 * bid, n, w, WARPS, x, t_parts, s, xs)
+        if k > 0:
+            comptime if fused:
+                wait_for(sync, wait_count)
+            decode_warp[bl, gl, dtype, B_T](acc, l_data, l_scales, m, 16 * bid, k, w, WARPS, x, t_parts, s, xs)
+        var r = reduce_warps(acc, red)
+        var row = 16 * bid + r[2]
         if r[0] and row < m and r[3] < s:
             var b = bias[unsafe_offset=row] if has_bias else Float32(0)
             y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
     else:
-        comptime for e in range(4 * NT):
+        var rt, tok0 = (bid // passes(s)) * WARPS + w, (bid % passes(s)) * 8 * NT_WIDE
+        var q_steps, l_steps = ceildiv(n, step_cols[bq]()), ceildiv(k, step_cols[bl]())
+        var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
+        wide_part[bq, gq, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, 0, q_steps, x, t_parts, s, tok0, xs)
+        if k > 0:
+            comptime if fused:
+                wait_for(sync, wait_count)
+            wide_part[bl, gl, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
+        comptime for e in range(4 * NT_WIDE):
             var rc = fragment_coords(lane, e % 4)
             var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
             if row < m and token < s:
@@ -388,13 +578,15 @@ def launch_project[
     k: Int,
     ctx: DeviceContext,
 ) raises:
-    """Stage 1: t_parts (P_SPLIT, s, k) float32, partial sums of x (s, n) · dequant(R)ᵀ over interleaved K steps."""
+    """Stage 1: t_parts (P_SPLIT, s, k) float32, partial sums of x (s, n) · dequant(R)ᵀ over K segments."""
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
     def kernel[wide: Bool]():
-        var red = stack_allocation[WARPS * 128, Float32, address_space=AddressSpace.SHARED]()
-        project_block[br, gr, wide](Int(block_idx.x), red, t_parts, x, r_data, r_scales, s, n, k)
+        var xs = stack_allocation[X_WORDS if wide else WARPS * 128, UInt32, address_space=AddressSpace.SHARED]()
+        project_block[br, gr, wide](
+            Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, s, n, k
+        )
 
     if s <= SMALL_S:
         ctx.enqueue_function[kernel[False]](grid_dim=project_blocks(s, k), block_dim=THREADS)
@@ -425,16 +617,30 @@ def launch_apply[
 
     @__parameter
     def kernel[wide: Bool]():
-        var red = stack_allocation[WARPS * 128, Float32, address_space=AddressSpace.SHARED]()
+        var xs = stack_allocation[X_WORDS if wide else WARPS * 128, UInt32, address_space=AddressSpace.SHARED]()
         apply_block[bq, gq, bl, gl, wide, False](
-            Int(block_idx.x), red, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k, has_bias,
-            stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
+            Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, y, x, t_parts, q_codes, q_scales, l_data, l_scales,
+            bias, s, m, n, k, has_bias, stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
         )
 
     if s <= SMALL_S:
         ctx.enqueue_function[kernel[False]](grid_dim=apply_blocks(s, m), block_dim=THREADS)
     else:
         ctx.enqueue_function[kernel[True]](grid_dim=apply_blocks(s, m), block_dim=THREADS)
+
+
+@always_inline
+def one_launch(s: Int, m: Int, n: Int, k: Int) -> Bool:
+    """Whether the fused op runs both stages in one launch rather than two (stage 1, then stage 2).
+
+    Chosen by measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster on every
+    shape at s = 128 and, at decode, where the stage-2 blocks are few (m = 1024: 64 blocks, the stage-1 blocks use
+    otherwise idle SMs) or long (n > m: the wait for t comes after a long Q loop); two launches were faster at
+    decode on 8192×8192 and 29568×8192.
+    """
+    if s > SMALL_S or k == 0:
+        return True
+    return apply_blocks(s, m) < 2 * SMS or n > m
 
 
 def launch_fused[
@@ -458,33 +664,40 @@ def launch_fused[
     has_bias: Bool,
     ctx: DeviceContext,
 ) raises:
-    """Both stages in one launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait.
+    """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b): one launch where `one_launch` says so, else stage 1 then stage 2.
 
-    t_parts (P_SPLIT, s, k) is the op's second output, a scratch buffer that the graph discards.
-
-    Stage-1 blocks have the lower indices, so they are dispatched first and never wait: no deadlock whatever the
-    grid size. They count themselves in sync[0]; stage-2 blocks read t after sync[0] = P (acquire). Every block
-    then counts itself in sync[1], and the last one resets both counters for the next launch.
+    One launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait. t_parts
+    (P_SPLIT, s, k) is the op's second output, a scratch buffer that the graph discards. Stage-1 blocks have the
+    lower indices, so they are dispatched first and never wait: no deadlock whatever the grid size. They count
+    themselves in sync[0]; stage-2 blocks read t after sync[0] = P (acquire). Every block then counts itself in
+    sync[1], and the last one resets both counters for the next launch.
     """
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
+    if not one_launch(s, m, n, k):
+        launch_project[br, gr](t_parts, x, r_data, r_scales, s, n, k, ctx)
+        launch_apply[bq, gq, bl, gl](
+            y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k, has_bias, ctx
+        )
+        return
     var n_project = project_blocks(s, k) if k > 0 else 0
     var total = n_project + apply_blocks(s, m)
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
     def kernel[wide: Bool](s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
-        var red = stack_allocation[WARPS * 128, Float32, address_space=AddressSpace.SHARED]()
+        var xs = stack_allocation[X_WORDS if wide else WARPS * 128, UInt32, address_space=AddressSpace.SHARED]()
+        var red = xs.unsafe_bitcast[Float32]()
         var bid = Int(block_idx.x)
         var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
         if bid < np:
-            project_block[br, gr, wide](bid, red, t_parts, x, r_data, r_scales, s, n, k)
+            project_block[br, gr, wide](bid, red, xs, t_parts, x, r_data, r_scales, s, n, k)
             barrier()
             if thread_idx.x == 0:
                 fence[Ordering.RELEASE, scope="device"]()
                 _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
         else:
             apply_block[bq, gq, bl, gl, wide, True](
-                bid - np, red, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
+                bid - np, red, xs, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
                 has_bias_ != 0, sync, np,
             )
         if thread_idx.x == 0:
