@@ -268,8 +268,9 @@ def test_cli_json_summary_and_resume(models, calib_file, tmp_path):
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert set(summary) == {"run", "layers", "tokens", "hessian_bytes", "seconds"}
+    assert set(summary) == {"run", "layers", "tokens", "hessian_bytes", "seconds", "computed", "spilled"}  # CPU
     assert summary["layers"] == 2 and summary["tokens"] == 128 and summary["hessian_bytes"] > 0
+    assert summary["computed"] == 2 and summary["spilled"] is False
     assert "━" not in result.stderr
     spec = RunDir(tmp_path / "run").read_spec()["calibration"]
     assert spec["data"] == str(calib_file.resolve()) and spec["samples"] == 4
