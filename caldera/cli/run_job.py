@@ -95,9 +95,11 @@ def _job_results(work: Path, ran: list[dict]) -> list[dict]:
 
 
 def _settings_of(model: Path) -> dict:
-    """zero_point and damping of an export (eval.json files written before they were recorded lack them)."""
+    """zero_point, damping and the number of per-layer override rules of an export (eval.json files written before
+    they were recorded lack them)."""
     qc = json.loads((model / "config.json").read_text())["quantization_config"]
-    return {"zero_point": qc["zero_point"], "damping": qc["decompose"]["damping"]}
+    overrides = len(qc["decompose"].get("overrides") or {})
+    return {"zero_point": qc["zero_point"], "damping": qc["decompose"]["damping"], "overrides": overrides}
 
 
 def _export_once(run: Path, out: Path, embed_bits: int) -> None:

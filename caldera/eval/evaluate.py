@@ -61,6 +61,7 @@ def size_stats(folder: Path | str) -> dict[str, Any]:
             "embed_bits": qc["embed_bits"],
             "zero_point": qc["zero_point"],
             "damping": qc["decompose"]["damping"],
+            "overrides": len(qc["decompose"].get("overrides") or {}),
         }
     reader = ShardReader(folder)
     params = sum(math.prod(i.shape) for i in reader.info.values())

@@ -22,13 +22,14 @@ PROJECTIONS = tuple(PROJ_PATH)  # q, k, v, o, gate, up, down
 
 
 def settings(result: dict[str, Any]) -> str:
-    """'2/4/4/r64/g64' (BQ/BL/BR/rank/group, then /zp for zero points, /d0.1 for a non-default damping) of an
-    eval result, '16 (original)' for an uncompressed model."""
+    """'2/4/4/r64/g64' (BQ/BL/BR/rank/group, then /zp for zero points, /d0.1 for a non-default damping, /+N rules
+    for per-layer overrides on top of these settings) of an eval result, '16 (original)' for an uncompressed model."""
     if result.get("method") in (None, "dense"):
         return "16 (original)"
     extra = ("/zp" if result.get("zero_point") else "") + (
         f"/d{result['damping']:g}" if result.get("damping", 0.01) != 0.01 else ""
     )
+    extra += f"/+{result['overrides']} rules" if result.get("overrides") else ""
     if result["method"] != "caldera" or not result["rank"]:
         return f"{result['bq']}/–/–/r0/g{result['group_size']}{extra}"
     return f"{result['bq']}/{result['bl']}/{result['br']}/r{result['rank']}/g{result['group_size']}{extra}"

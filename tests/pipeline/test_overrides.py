@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 import caldera
 from caldera.cli import app
 from caldera.config import ConfigError, DecomposeConfig
+from caldera.eval.evaluate import size_stats
+from caldera.eval.report import settings
 from caldera.pipeline.overrides import Overrides, load_overrides
 from tests.runtime.test_load import dense_reference
 
@@ -80,6 +82,8 @@ def test_decompose_export_load_with_overrides(qwen2_dir, calib_file, tmp_path):
     metrics = json.loads((out / "caldera_metrics.json").read_text())["layers"]
     ranks = {(m["layer"], p): r["rank"] for m in metrics for p, r in m["proj"].items()}
     assert ranks[0, "q_proj"] == ranks[1, "o_proj"] == 8 and ranks[0, "down_proj"] == 16 and ranks[1, "down_proj"] == 24
+    stats = size_stats(out)
+    assert stats["overrides"] == 2 and settings(stats).endswith("/+2 rules")  # the quality table says so
     model = caldera.load(out)
     down = model.model.layers[1].mlp.down_proj
     assert (down.q.bits, down.l.bits) == (3, 16) and model.model.layers[0].mlp.down_proj.q.bits == 2
