@@ -9,6 +9,7 @@ multiplier favouring some projections. Bits are what the packed-format writer st
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from caldera.config import ConfigError, DecomposeConfig
 from caldera.core.allocate import Option, allocate
 from caldera.core.sensitivity import Sensitivity, probe
-from caldera.io.run_dir import RunDir
+from caldera.io.run_dir import RunDir, atomic_write
 from caldera.io.shards import ShardReader
 from caldera.pipeline.decompose_model import PROJECTIONS, clamped_rank, projection_seed
 from caldera.pipeline.hessians import PROJ_GROUP, PROJ_PATH
@@ -44,21 +45,44 @@ PROFILES = {
 }
 
 
+SENSITIVITY_FILE = "sensitivity.json"
+"""RUN/sensitivity.json: the probes, keyed by their settings; written after every layer, so probing resumes and
+allocating again (another budget or profile) reads them instead of probing."""
+
+
 def probe_run(
     run: RunDir, reader: ShardReader, num_layers: int, cfg: DecomposeConfig, max_rank: int, device: torch.device,
     on_matrix: Callable[[int, str], None] | None = None,
 ) -> dict[tuple[int, str], tuple[Sensitivity, tuple[int, int]]]:  # fmt: skip
-    """(layer, proj) -> (Sensitivity at cfg.bq, shape) for every matrix, from the shards and the run's Hessians."""
+    """(layer, proj) -> (Sensitivity at cfg.bq, shape) for every matrix, from the shards and the run's Hessians
+    (probes already in RUN/sensitivity.json with the same settings are read back)."""
+    path = run.root / SENSITIVITY_FILE
+    key = {"probe": cfg.to_dict(), "max_rank": max_rank, "device": device.type}
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    done = stored.get("matrices", {}) if stored.get("key") == key else {}
     out = {}
     for i in range(num_layers):
+        if all(f"{i}:{p}" in done for p in PROJECTIONS):
+            for proj in PROJECTIONS:
+                entry = done[f"{i}:{proj}"]
+                out[i, proj] = (
+                    Sensitivity(**{**entry["sensitivity"], "spectrum": tuple(entry["sensitivity"]["spectrum"])}),
+                    tuple(entry["shape"]),
+                )
+                if on_matrix is not None:
+                    on_matrix(i, proj)
+            continue
         hessians = run.load_hessians(i)
         tensors = reader.tensors(f"model.layers.{i}.")
         for proj in PROJECTIONS:
             w = tensors[f"model.layers.{i}.{PROJ_PATH[proj]}.weight"].to(device, torch.float32)
             mcfg = dataclasses.replace(cfg, seed=projection_seed(cfg.seed, i, proj))
             out[i, proj] = probe(w, hessians[PROJ_GROUP[proj]], mcfg, max_rank), tuple(w.shape)
+            done[f"{i}:{proj}"] = {"sensitivity": dataclasses.asdict(out[i, proj][0]), "shape": list(w.shape)}
             if on_matrix is not None:
                 on_matrix(i, proj)
+        text = json.dumps({"key": key, "matrices": done})
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
     return out
 
 

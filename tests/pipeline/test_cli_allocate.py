@@ -22,6 +22,11 @@ def test_allocate_then_decompose_meets_the_budget(qwen2_dir, calib_file, tmp_pat
     assert len(overrides) == 2 * 7 and set(overrides["layers.0.mlp.down_proj"]) == {"rank", "bq"}
     assert len({(r["rank"], r["bq"]) for r in overrides.values()}) > 1  # not uniform
     assert json.loads((run / "allocation.json").read_text())["overrides"] == overrides
+    probes = run / "sensitivity.json"
+    stamp = probes.stat().st_mtime_ns
+    again = runner.invoke(app, ["allocate", "--run", str(run), "--out", str(rules), "--budget", "3.5", "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout) == info  # the stored probes, not new ones
+    assert probes.stat().st_mtime_ns == stamp and yaml.safe_load(rules.read_text()) == overrides
     args = ["decompose", "--model", str(qwen2_dir), "--run", str(run), "--iters", "1", "--overrides", str(rules)]
     done = runner.invoke(app, [*args, "--json"])
     assert done.exit_code == 0, done.output
