@@ -94,3 +94,12 @@ def test_decompose_export_load_with_overrides(qwen2_dir, calib_file, tmp_path):
     (tmp_path / "rules.json").write_text(json.dumps({"layers.*.self_attn": {"rank": 4}}))
     again = runner.invoke(app, args)  # the same run with other rules: refused, naming the setting
     assert again.exit_code != 0 and "overrides" in again.output
+
+
+def test_run_tags_tell_override_sets_apart():
+    from caldera.cli.run_job import method_tag
+
+    a, b = Overrides.parse({"layers.0": {"rank": 4}}), Overrides.parse({"layers.0": {"rank": 8}})
+    assert method_tag(BASE) == "caldera-q2-l4-r4-k16-g64-i1"
+    assert method_tag(BASE, a).startswith(method_tag(BASE) + "-o") and method_tag(BASE, a) != method_tag(BASE, b)
+    assert method_tag(BASE, a) == method_tag(BASE, Overrides.parse({"layers.0": {"rank": 4}}))  # stable
