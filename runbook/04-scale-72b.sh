@@ -5,7 +5,8 @@
 #   bash runbook/04-scale-72b.sh [WORK] [OUT]        WORK: scratch folder (~35 GB for 2 layers), OUT: results
 #
 # Environment (defaults): SHAPE=qwen2-72b LAYERS=2 SAMPLES=64 SEQ=2048 BATCH=2 DEVICE=cuda (BATCH=4: 22.7 GB peak)
-#   BENCH_SHAPES=8192x8192,1024x8192,29568x8192,8192x29568 (empty: no benchmark). Every stage resumes.
+#   BENCH_SHAPES=8192x8192,1024x8192,29568x8192,8192x29568 (empty: no benchmark) EXPORT=1 (0: stop after decompose).
+#   Every stage resumes.
 set -euo pipefail
 WORK=${1:-/tmp/caldera-72b}
 OUT=${2:-runbook/results}
@@ -16,21 +17,9 @@ mkdir -p "$WORK" "$OUT"
 LOG="$OUT/scale-72b.jsonl"
 : >"$LOG"
 
-stage() { # stage NAME COMMAND...: its JSON lines to OUT/scale-72b-NAME.jsonl; {"stage", "wall_s", "result"} to LOG
-  local name=$1 start
-  shift
-  start=$EPOCHREALTIME
-  python3 -m caldera "$@" --json >"$OUT/scale-72b-$name.jsonl"
-  awk -v s="$start" -v e="$EPOCHREALTIME" -v n="$name" -v r="$(tail -n 1 "$OUT/scale-72b-$name.jsonl")" \
-    'BEGIN { printf "{\"stage\": \"%s\", \"wall_s\": %.1f, \"result\": %s}\n", n, e - s, r }' | tee -a "$LOG"
-}
-
-python3 - <<'PY' | tee -a "$LOG"
-import json, platform, torch
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-print(json.dumps({"stage": "machine", "torch": torch.__version__, "gpu": gpu, "cpus": __import__("os").cpu_count(),
-                  "python": platform.python_version()}))
-PY
+PREFIX=scale-72b
+source "$(dirname "$0")/lib.sh"
+machine
 df -h "$WORK" | tail -n 1
 
 if [ -n "$BENCH_SHAPES" ]; then
@@ -43,6 +32,7 @@ find caldera docs -name '*.py' -o -name '*.md' | sort | xargs cat >"$WORK/calib.
 stage calibrate calibrate --model "$WORK/model" --run "$WORK/run" --data "$WORK/calib.txt" --samples "$SAMPLES" \
   --seq-len "$SEQ" --batch-size "$BATCH" --device "$DEVICE"
 stage decompose decompose --model "$WORK/model" --run "$WORK/run" --device "$DEVICE"
+[ "${EXPORT:-1}" = 1 ] || exit 0
 rm -rf "$WORK/export"
 stage export export --run "$WORK/run" --out "$WORK/export"
 du -sh "$WORK"/* | tee -a "$OUT/scale-72b-disk.txt"

@@ -336,7 +336,7 @@ def _run_layers(stream, acts, todo, run: RunDir, batch_size, device, on_layer) -
             handle.remove()
         if stats:
             tokens = {s.tokens for s in stats.values()}.pop()
-            run.save_hessians(i, {g: s.hessian() for g, s in stats.items()}, tokens)
+            run.save_hessians(i, {g: s.hessian("cpu") for g, s in stats.items()}, tokens)  # no GPU copy
         del layer, stats, handles  # freed here (no reference cycles): one layer alive at a time
         if on_layer is not None:
             on_layer(i, i in todo)
