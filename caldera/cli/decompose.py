@@ -104,7 +104,9 @@ def decompose(
         message = f"interrupted after {len(results)} layers; rerun the same command to resume"
         err_console.print(message, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    _decompose_report(results, time.perf_counter() - start, json_out, run_dir, peak_gpu(device))
+    peaks = [r.peak_gpu_mb for r in results if r.peak_gpu_mb is not None]  # Ray tasks' own (other processes)
+    peak = peak_gpu(device) | ({"peak_gpu_mb": max(peaks)} if peaks else {})
+    _decompose_report(results, time.perf_counter() - start, json_out, run_dir, peak)
 
 
 def decompose_errors() -> tuple[type[Exception], ...]:

@@ -88,9 +88,11 @@ class MatrixResult:
 class LayerResult:
     layer: int
     proj: dict[str, MatrixResult]
+    peak_gpu_mb: float | None = None  # set by a Ray task on CUDA: its process's allocator peak, MiB
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "proj": {name: r.to_dict() for name, r in self.proj.items()}}
+        peak = {} if self.peak_gpu_mb is None else {"peak_gpu_mb": self.peak_gpu_mb}
+        return {"layer": self.layer, "proj": {name: r.to_dict() for name, r in self.proj.items()}} | peak
 
 
 def resolve_device(device: str) -> torch.device:

@@ -41,7 +41,8 @@ def import_ray():
 
 
 def _layer_task(run_root: str, folder: str, layer: int, cfg: dict, spec: dict[str, Any], device: str, threads: int):
-    """Runs on a Ray worker: decompose one layer into the run directory; its LayerResult (no tensors).
+    """Runs on a Ray worker: decompose one layer into the run directory; its LayerResult (no tensors; on CUDA with
+    the worker's peak GPU memory).
 
     ``threads``: torch's CPU threads, the driver's (Ray gives a worker one), so that CPU float sums group as in
     a local run."""
@@ -52,8 +53,13 @@ def _layer_task(run_root: str, folder: str, layer: int, cfg: dict, spec: dict[st
     from caldera.pipeline.run_decompose import decompose_layer_into_run
 
     cfg_ = DecomposeConfig.from_dict(cfg)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # a worker process may run several tasks
     with torch.no_grad():
-        return decompose_layer_into_run(RunDir(run_root), ShardReader(folder), layer, cfg_, spec, device)
+        result = decompose_layer_into_run(RunDir(run_root), ShardReader(folder), layer, cfg_, spec, device)
+    result.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return result
 
 
 def connect(address: str) -> None:
