@@ -161,3 +161,28 @@ class DecomposeConfig(_Config):
 
     def r_quant(self) -> QuantConfig:
         return QuantConfig(self.br, self.lr_group_size, self.zero_point, clip_search=self.clip_search)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(_Config):
+    """Distillation of a compressed model into the original's next-token distributions (``caldera finetune``).
+
+    Trained: L and R (float latents, re-quantized on every step with straight-through gradients), Q's fp16 scales
+    (codes fixed), and with ``norms`` the RMSNorm weights. Stored bits do not change. ``samples`` windows of
+    ``seq_len`` tokens from the calibration text, ``batch_size`` of them per step, reshuffled every epoch.
+    """
+
+    steps: int = 200
+    lr: float = 1e-4  # Adam, cosine decay to 0 after a linear warm-up over the first 5% of steps
+    batch_size: int = 8
+    seq_len: int = 512
+    samples: int = 1024
+    norms: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"lr={self.lr} must be in (0, 1)")

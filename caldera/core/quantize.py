@@ -168,3 +168,15 @@ def quantize(w: torch.Tensor, cfg: QuantConfig, generator: torch.Generator | Non
         generator = torch.Generator().manual_seed(cfg.seed)
     scales, zeros = fit_scales(w, cfg)
     return QuantizedTensor(quantize_with(w, scales, zeros, cfg, generator), scales, zeros, cfg.bits, cfg.group_size)
+
+
+def fake_quantize(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """``quantize(w, cfg).dequantize()`` (float32, (rows, cols)) in the forward pass, the identity in the backward
+    pass (straight-through estimator): training moves w, and the values used are exactly those stored."""
+    q = quantize(w.detach(), cfg).dequantize()
+    return q + (w - w.detach())  # adds an exact 0: the forward value is q bit for bit
+
+
+def fp16_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16 (as float32) in the forward pass, the identity in the backward pass."""
+    return x.detach().half().float() + (x - x.detach())

@@ -65,7 +65,8 @@ def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to("meta" if t.is_meta else "cpu", dtype).contiguous()
 
 
-def _part_tensors(name: str, t: QuantizedTensor) -> dict[str, torch.Tensor]:
+def part_tensors(name: str, t: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """The stored tensors of one part (``name`` = PREFIX.q, .l or .r) on the CPU: packed codes, scales, zeros."""
     if t.bits == 16:
         return {name: _host(t.codes, torch.float16)}
     if t.bits not in SUPPORTED_BITS:
@@ -86,9 +87,9 @@ def linear_tensors(prefix: str, dec: Decomposition, bias: torch.Tensor | None = 
     what ``caldera plan`` counts the bytes of."""
     if dec.q.bits == 16:
         raise FormatError(f"tensor {prefix}.q: Q must be quantized (bits < 16)")
-    out = _part_tensors(f"{prefix}.q", dec.q)
+    out = part_tensors(f"{prefix}.q", dec.q)
     if dec.l is not None:
-        out |= _part_tensors(f"{prefix}.l", dec.l) | _part_tensors(f"{prefix}.r", dec.r)
+        out |= part_tensors(f"{prefix}.l", dec.l) | part_tensors(f"{prefix}.r", dec.r)
     if dec.u_in is not None:
         out[f"{prefix}.su"] = pack_signs(dec.u_out.signs).cpu()
         out[f"{prefix}.sv"] = pack_signs(dec.u_in.signs).cpu()

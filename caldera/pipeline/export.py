@@ -238,7 +238,7 @@ def _layer_metrics(run: RunDir, num_layers: int) -> dict[str, Any]:
     return {"layers": layers}
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -253,6 +253,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Write MANIFEST (sha256 and size of every other file in ``folder``, no subfolders); the files' entries."""
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
+    manifest = {"manifest_version": MANIFEST_VERSION, "files": files}
+    write_durably(folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return files
+
+
 def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, per_shard: int) -> ExportSummary:
     num_layers, tied = config["num_hidden_layers"], bool(config.get("tie_word_embeddings", False))
     reader = ShardReader(folder)
@@ -261,13 +269,15 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
     top = _top_tensors(reader, tied, embed_bits, spec["group_size"], embed_error)
     for k, (tensors, header) in enumerate(_shards(run, reader, num_layers, per_shard, top)):
         name = f"model-{k + 1:05d}-of-{count:05d}.safetensors"
-        _write(tmp / name, safetensors_bytes(tensors, {"format": "pt", VERSION_KEY: str(FORMAT_VERSION)} | header))
+        write_durably(
+            tmp / name, safetensors_bytes(tensors, {"format": "pt", VERSION_KEY: str(FORMAT_VERSION)} | header)
+        )
         for tensor in tensors:
             weight_map.setdefault(tensor, name)  # a shared block: the first shard holding it
         total += tensor_bytes(tensors)
         linear_bytes += tensor_bytes({n: t for n, t in tensors.items() if is_linear_tensor(n)})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _write(tmp / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    write_durably(tmp / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     shapes = [reader.info[f"{linear_prefix(i, p)}.weight"].shape for i in range(num_layers) for p in PROJECTIONS]
     weights = sum(math.prod(shape) for shape in shapes)
     params = sum(math.prod(info.shape) for n, info in reader.info.items() if not (tied and n == "lm_head.weight"))
@@ -283,14 +293,14 @@ def _build(tmp: Path, run: RunDir, spec, folder: Path, config, embed_bits: int, 
     out_config = config | {"dtype": "float16", "quantization_config": qc}
     if "torch_dtype" in out_config:
         out_config["torch_dtype"] = "float16"
-    _write(tmp / "config.json", (json.dumps(out_config, indent=2, sort_keys=True) + "\n").encode())
-    _write(tmp / METRICS, (json.dumps(_layer_metrics(run, num_layers), indent=1, sort_keys=True) + "\n").encode())
+    write_durably(tmp / "config.json", (json.dumps(out_config, indent=2, sort_keys=True) + "\n").encode())
+    write_durably(
+        tmp / METRICS, (json.dumps(_layer_metrics(run, num_layers), indent=1, sort_keys=True) + "\n").encode()
+    )
     for name in COPIED_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, tmp / name)
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-    manifest = {"manifest_version": MANIFEST_VERSION, "files": files}
-    _write(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    files = write_manifest(tmp)
     return ExportSummary(
         path="",
         files=len(files) + 1,

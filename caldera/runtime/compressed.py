@@ -59,6 +59,13 @@ class PackedMatrix(nn.Module):
         w = dequantize(codes, _thawed(pick(self.scales), torch.float32), zeros, self.bits, self.group_size)
         return w.to(dtype)
 
+    def unpacked(self) -> QuantizedTensor:
+        """The stored part with its codes unpacked (uint8 (rows, cols); fp16 values at 16 bits)."""
+        if self.bits == 16:
+            return QuantizedTensor(_thawed(self.weight, torch.float16), None, None, 16, self.group_size)
+        codes = unpack_codes(self.codes, self.bits, self.cols)
+        return QuantizedTensor(codes, _thawed(self.scales, torch.float16), self.zeros, self.bits, self.group_size)
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
 

@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from caldera.config import QuantConfig, Rounding
-from caldera.core.quantize import CLIP_RATIOS, QuantizedTensor, dequantize, fit_scales, quantize, quantize_with
+from caldera.core.quantize import (
+    CLIP_RATIOS,
+    QuantizedTensor,
+    dequantize,
+    fake_quantize,
+    fit_scales,
+    fp16_rounded,
+    quantize,
+    quantize_with,
+)
 from caldera.testing import reference as ref
 
 BITS = (2, 3, 4, 8)
@@ -182,3 +191,24 @@ def test_input_not_modified():
     before = w.clone()
     quantize(w, QuantConfig(2, 64, zero_point=True))
     assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("bits", (2, 4))
+@pytest.mark.parametrize("zero_point", (False, True))
+def test_fake_quantize_is_the_stored_grid_forward_and_identity_backward(bits, zero_point):
+    cfg = QuantConfig(bits, 64, zero_point)
+    w = weights(ROWS, COLS["ragged"], seed=7).requires_grad_(True)
+    out = fake_quantize(w, cfg)
+    assert torch.equal(out, quantize(w.detach(), cfg).dequantize())  # bit for bit
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    out.backward(upstream)
+    assert torch.equal(w.grad, upstream)
+
+
+def test_fp16_rounded_forward_rounds_backward_passes():
+    x = torch.randn(50, generator=torch.Generator().manual_seed(9)).mul_(1e-3).requires_grad_(True)
+    y = fp16_rounded(x)
+    ref64 = x.detach().double().numpy().astype(np.float16).astype(np.float32)
+    assert np.array_equal(y.detach().numpy(), ref64) and not torch.equal(y, x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(50))
