@@ -173,7 +173,7 @@ class FinetuneConfig(_Config):
     """
 
     steps: int = 200
-    lr: float = 1e-4  # Adam, cosine decay to 0 after a linear warm-up over the first 5% of steps
+    lr: float = 3e-4  # Adam, cosine decay to 0 after a linear warm-up over the first 5% of steps
     batch_size: int = 8
     seq_len: int = 512
     samples: int = 1024

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from caldera.cli.common import TEXTS_HELP, JsonOpt, app, emit, err_console, fail, peak_gpu, progress_bar
+from caldera.config import FinetuneConfig
 
 
 def finetune_errors() -> tuple[type[Exception], ...]:
@@ -44,7 +45,7 @@ def run_finetune(model: Path, out: Path, original: Path | None, data: list[Path]
     if expected and expected != hashlib.sha256((original / "config.json").read_bytes()).hexdigest():
         raise FinetuneError(f"{model} was not decomposed from {original} (config.json differs); give --original")
     texts = load_texts(data) if data else default_calibration_texts()
-    ids = calibration_windows(load_tokenizer(original), texts, cfg.samples, cfg.seq_len)
+    ids = calibration_windows(load_tokenizer(original), texts, cfg.samples, cfg.seq_len, at_most=True)
     with progress_bar(json_out) as progress:
         task = progress.add_task("distil", total=cfg.steps)
 
@@ -64,10 +65,12 @@ def finetune_cmd(
     ] = None,
     data: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP + " Default: the calibration split.")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (warm-up 5%, cosine decay).")] = 1e-4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (warm-up 5%, cosine decay).")] = FinetuneConfig.lr,
     batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
-    samples: Annotated[int, typer.Option(help="Windows drawn from the text (reshuffled every epoch).")] = 1024,
+    samples: Annotated[
+        int, typer.Option(help="Windows drawn from the text, at most (as many as it holds); reshuffled every epoch.")
+    ] = 1024,
     norms: Annotated[bool, typer.Option(help="Train the RMSNorm weights too.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the window order.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -76,8 +79,6 @@ def finetune_cmd(
     """Distil an export toward the original's next-token distributions (KL per token): trains L and R (re-quantized
     every step, straight-through), Q's scales and the norms; writes a new export with the same bits per weight.
     Interrupted: nothing is written; run again."""
-    from caldera.config import FinetuneConfig
-
     try:
         cfg = FinetuneConfig(steps, lr, batch_size, seq_len, samples, norms, seed)
         summary = run_finetune(model, out, original, data, cfg, device, json_out)

@@ -3,6 +3,7 @@ quality table (method | BQ/BL/BR/rank/group | bits per weight | ppl | delta %).
 
     WORK/<tag>/run      the method's run directory (Hessians hard-linked from the first method's run)
     WORK/<tag>/model    its export, with model/report/ from caldera eval
+    WORK/<tag>-ft<N>/model  with --finetune-steps N: the export after caldera finetune, and its report
     WORK/comparison.*   the quality table (JSON, Markdown) and ppl_vs_bits.png of every method evaluated in WORK
                         with the same evaluation settings (earlier invocations included)
 
@@ -36,6 +37,8 @@ from caldera.cli.common import (
 )
 from caldera.cli.decompose import DECOMPOSE_ITERS, DECOMPOSE_SAMPLES, DECOMPOSE_SEQ_LEN, decompose_errors, decompose_run
 from caldera.cli.evaluate import eval_errors, run_eval
+from caldera.cli.finetune import finetune_errors
+from caldera.config import FinetuneConfig
 
 METHODS = "caldera,ldlq-had,gptq,rtn"
 RUN_EVAL_TOKENS = 16384
@@ -95,11 +98,14 @@ def _job_results(work: Path, ran: list[dict]) -> list[dict]:
 
 
 def _settings_of(model: Path) -> dict:
-    """zero_point, damping and the number of per-layer override rules of an export (eval.json files written before
-    they were recorded lack them)."""
+    """zero_point, damping, the number of per-layer override rules and fine-tuning steps of an export (eval.json
+    files written before they were recorded lack them)."""
     qc = json.loads((model / "config.json").read_text())["quantization_config"]
     overrides = len(qc["decompose"].get("overrides") or {})
-    return {"zero_point": qc["zero_point"], "damping": qc["decompose"]["damping"], "overrides": overrides}
+    steps = (qc.get("finetune") or {}).get("steps", 0)
+    return {"zero_point": qc["zero_point"], "damping": qc["decompose"]["damping"], "overrides": overrides} | {
+        "finetune_steps": steps
+    }
 
 
 def _export_once(run: Path, out: Path, embed_bits: int) -> None:
@@ -159,6 +165,41 @@ def run_method(
     return result
 
 
+def finetune_tag(cfg) -> str:
+    """Suffix of a fine-tuned export's folder, e.g. ft300 or ft300-lr0.001-b4-s256x512 (non-default settings)."""
+    default, tag = FinetuneConfig(), f"ft{cfg.steps}"
+    tag += "" if cfg.lr == default.lr else f"-lr{cfg.lr:g}"
+    tag += "" if cfg.batch_size == default.batch_size else f"-b{cfg.batch_size}"
+    same_windows = (cfg.samples, cfg.seq_len) == (default.samples, default.seq_len)
+    tag += "" if same_windows else f"-s{cfg.samples}x{cfg.seq_len}"
+    return tag + ("" if cfg.norms else "-nonorm") + ("" if cfg.seed == default.seed else f"-seed{cfg.seed}")
+
+
+def run_finetuned(folder: Path, work: Path, tag: str, cfg, calib, eval_settings: dict, json_out: bool) -> dict:
+    """Fine-tune the method ``tag``'s export in WORK (``caldera finetune``, the calibration text ``calib``) into
+    WORK/<tag>-<finetune_tag>/model and evaluate it, each skipped when already done; its eval result."""
+    from caldera.cli.finetune import run_finetune
+    from caldera.pipeline.export import ExportError, verify
+
+    ft_tag = f"{tag}-{finetune_tag(cfg)}"
+    out = work / ft_tag / "model"
+    say(f"[bold]{ft_tag}[/]: finetune → eval in {work / ft_tag}", json_out)
+    if out.exists():
+        try:
+            verify(out)
+        except ExportError as e:
+            raise ExportError(f"{e}; delete {out} to fine-tune again") from None
+    else:
+        summary = run_finetune(work / tag / "model", out, folder, calib, cfg, eval_settings["device"], json_out)
+        if json_out:
+            emit({"tag": ft_tag, "finetune": summary})
+    settings = eval_settings | {"data": [str(p) for p in eval_settings["data"] or []]}
+    result = _eval_once(out, settings, folder, json_out) | {"tag": ft_tag} | _settings_of(out)
+    if json_out:
+        emit({"tag": ft_tag, "result": result})
+    return result
+
+
 @app.command("run")
 def run_job(
     model: ModelOpt = None,
@@ -183,9 +224,15 @@ def run_job(
         Path | None, typer.Option(help="Job folder (default: one per model and settings in the cache).")
     ] = None,
     overrides: OverridesOpt = None,
+    finetune_steps: Annotated[
+        int, typer.Option(help="Also fine-tune each export this many steps (caldera finetune) and evaluate it; 0: no.")
+    ] = 0,
+    finetune_lr: Annotated[float, typer.Option(help="Adam learning rate of the fine-tune.")] = FinetuneConfig.lr,
+    finetune_seq_len: Annotated[int, typer.Option(help="Tokens per fine-tuning window.")] = FinetuneConfig.seq_len,
     json_out: JsonOpt = False,
 ) -> None:
-    """The whole job: calibrate → decompose → export → eval for each method, then the quality table."""
+    """The whole job: calibrate → decompose → export → eval for each method (→ finetune → eval with
+    --finetune-steps), then the quality table."""
     from caldera.config import DecomposeConfig
     from caldera.eval.report import quality_table, write_comparison
     from caldera.io.default_model import default_model_dir
@@ -213,10 +260,16 @@ def run_job(
         rules = load_overrides(overrides) if overrides is not None else None
         folder = model if model is not None else default_model_dir()
         work = workdir if workdir is not None else default_workdir(folder, calibration)
+        tune = None
+        if finetune_steps:
+            tune = FinetuneConfig(steps=finetune_steps, lr=finetune_lr, seq_len=finetune_seq_len)
         for cfg in configs:
             own = rules if cfg.method.value == "caldera" else None  # rank/BL/BR rules are CALDERA's
             results.append(run_method(folder, work, cfg, calibration, eval_settings, embed_bits, json_out, own))
-    except (*decompose_errors(), *eval_errors(), ExportError, ValueError) as e:
+            if tune is not None:
+                tag = method_tag(cfg, own)
+                results.append(run_finetuned(folder, work, tag, tune, calib, eval_settings, json_out))
+    except (*decompose_errors(), *eval_errors(), *finetune_errors(), ExportError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume", highlight=False)

@@ -23,16 +23,23 @@ PROJECTIONS = tuple(PROJ_PATH)  # q, k, v, o, gate, up, down
 
 def settings(result: dict[str, Any]) -> str:
     """'2/4/4/r64/g64' (BQ/BL/BR/rank/group, then /zp for zero points, /d0.1 for a non-default damping, /+N rules
-    for per-layer overrides on top of these settings) of an eval result, '16 (original)' for an uncompressed model."""
+    for per-layer overrides on top of these settings, /ftN after N steps of caldera finetune) of an eval result,
+    '16 (original)' for an uncompressed model."""
     if result.get("method") in (None, "dense"):
         return "16 (original)"
     extra = ("/zp" if result.get("zero_point") else "") + (
         f"/d{result['damping']:g}" if result.get("damping", 0.01) != 0.01 else ""
     )
     extra += f"/+{result['overrides']} rules" if result.get("overrides") else ""
+    extra += f"/ft{result['finetune_steps']}" if result.get("finetune_steps") else ""
     if result["method"] != "caldera" or not result["rank"]:
         return f"{result['bq']}/–/–/r0/g{result['group_size']}{extra}"
     return f"{result['bq']}/{result['bl']}/{result['br']}/r{result['rank']}/g{result['group_size']}{extra}"
+
+
+def label(result: dict[str, Any]) -> str:
+    """The method column: the method (dense for an original), '+ finetune' after caldera finetune."""
+    return (result.get("method") or "dense") + (" + finetune" if result.get("finetune_steps") else "")
 
 
 def error_summary(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -88,7 +95,7 @@ def markdown(result: dict[str, Any], errors: dict[str, dict[str, float]] | None)
             f"| original | 16 | 16 | 16 | {_fmt(result.get('baseline_bytes'), ',')} | {result['baseline_ppl']:.3f} | |"
         )
     lines.append(
-        f"| {result.get('method') or 'dense'} | {settings(result)} | {_fmt(result['bits_per_weight'], '.3f')} | "
+        f"| {label(result)} | {settings(result)} | {_fmt(result['bits_per_weight'], '.3f')} | "
         f"{_fmt(result['bits_per_weight_total'], '.3f')} | {result['bytes_total']:,} | {result['ppl']:.3f} | "
         f"{_fmt(result.get('ppl_delta_pct'), '+.1f')}% |"
     )
@@ -131,7 +138,7 @@ def quality_table(results: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| original | fp16 | 16 | 16 | {base:.3f} | |")
     for r in sorted(results, key=lambda r: r["ppl"]):
         lines.append(
-            f"| {r.get('method') or 'dense'} | {settings(r)} | {_fmt(r['bits_per_weight'], '.3f')} | "
+            f"| {label(r)} | {settings(r)} | {_fmt(r['bits_per_weight'], '.3f')} | "
             f"{_fmt(r['bits_per_weight_total'], '.3f')} | {r['ppl']:.3f} | {_fmt(r.get('ppl_delta_pct'), '+.1f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -140,10 +147,8 @@ def quality_table(results: Sequence[dict[str, Any]]) -> str:
 def plot_ppl_vs_bits(results: Sequence[dict[str, Any]], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for method in sorted({r.get("method") or "dense" for r in results}):
-        rows = sorted(
-            (r for r in results if (r.get("method") or "dense") == method), key=lambda r: r["bits_per_weight"]
-        )
+    for method in sorted({label(r) for r in results}):
+        rows = sorted((r for r in results if label(r) == method), key=lambda r: r["bits_per_weight"])
         ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], marker="o", label=method)
     base = next((r["baseline_ppl"] for r in results if r.get("baseline_ppl") is not None), None)
     if base is not None:

@@ -39,18 +39,20 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -> li
 
 
 def calibration_windows(
-    tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], samples: int, seq_len: int
+    tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], samples: int, seq_len: int, at_most: bool = False
 ) -> torch.Tensor:
     """Token ids (samples, seq_len) int64: evenly spaced disjoint windows of the EOS-joined documents.
 
     Raises CalibrationError if ``samples`` or ``seq_len`` is not positive, or if all documents together
-    hold fewer than samples × seq_len tokens.
+    hold fewer than samples × seq_len tokens (with ``at_most``: fewer than seq_len; then as many windows as fit).
     """
     import torch
 
     if samples < 1 or seq_len < 1:
         raise CalibrationError(f"samples={samples} and seq_len={seq_len} must both be >= 1")
-    needed, ids = samples * seq_len, token_stream(tokenizer, texts)
+    ids = token_stream(tokenizer, texts)
+    samples = max(1, min(samples, len(ids) // seq_len)) if at_most else samples
+    needed = samples * seq_len
     if len(ids) < needed:
         raise CalibrationError(
             f"calibration text holds {len(ids)} tokens, but {samples} samples × {seq_len} tokens need {needed}; "

@@ -186,7 +186,12 @@ def finetune(
     student = load(src, device=device, verify=False)
     swapped = make_trainable(student, norms=cfg.norms)
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    losses = distill(student, teacher, input_ids, cfg, on_step)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA while training (the stored parts are rounded)
+    try:
+        losses = distill(student, teacher, input_ids, cfg, on_step)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     last = sum(losses[-10:]) / len(losses[-10:])
     record = cfg.to_dict() | {"original": str(Path(original).resolve()), "loss_first": losses[0], "loss_last": last}
     write_finetuned(src, out, trained_tensors(student, swapped), record)

@@ -42,7 +42,8 @@ class LatentFactor(nn.Module):
 
     def __init__(self, part: QuantizedTensor) -> None:
         super().__init__()
-        self.quant = QuantConfig(part.bits, part.group_size, part.zeros is not None)
+        # max-abs scales: the clip search would cost 13 candidate grids per factor and step, and training adapts
+        self.quant = QuantConfig(part.bits, part.group_size, part.zeros is not None, clip_search=False)
         self.latent = nn.Parameter(part.dequantize(torch.float32))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -44,3 +44,25 @@ def test_whole_job_on_a_tiny_model_then_resume(qwen2_dir, calib_file, tmp_path, 
     assert all(f"| {m} |" in table for m in ("caldera", "rtn", "gptq"))
     summary = _lines(more.stdout)[-1]["summary"]
     assert summary["ran"] == 1 and summary["methods"] == 3
+
+
+def test_finetune_steps_add_a_tuned_row_at_the_same_bits_and_resume(qwen2_dir, calib_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("CALDERA_CACHE", str(tmp_path / "cache"))
+    args = ["run", "--model", str(qwen2_dir), "--calib", str(calib_file), "--eval-data", str(calib_file)]
+    args += ["--methods", "caldera", "--rank", "8", "--iters", "2", "--samples", "4", "--seq-len", "32"]
+    args += ["--eval-seq-len", "64", "--max-tokens", "1024", "--workdir", str(tmp_path / "job"), "--json"]
+    args += ["--finetune-steps", "20", "--finetune-lr", "3e-3", "--finetune-seq-len", "32"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    lines = _lines(first.stdout)
+    results = {line["tag"]: line["result"] for line in lines if "result" in line}
+    plain, tuned = results["caldera-q2-l4-r4-k8-g64-i2"], results["caldera-q2-l4-r4-k8-g64-i2-ft20-lr0.003-s1024x32"]
+    assert tuned["bits_per_weight"] == plain["bits_per_weight"] and tuned["finetune_steps"] == 20
+    assert tuned["ppl"] != plain["ppl"]  # KL toward the original: tests/pipeline/test_finetune.py
+    table = (tmp_path / "job" / "comparison.md").read_text()
+    assert "| caldera + finetune | 2/4/4/r8/g64/ft20 |" in table
+    again = runner.invoke(app, args)  # read back: nothing trained again
+    assert again.exit_code == 0 and not any("finetune" in line for line in _lines(again.stdout))
+    assert {line["tag"]: line["result"]["ppl"] for line in _lines(again.stdout) if "result" in line} == {
+        tag: r["ppl"] for tag, r in results.items()
+    }
