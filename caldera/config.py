@@ -179,8 +179,11 @@ class FinetuneConfig(_Config):
     samples: int = 1024
     norms: bool = True
     seed: int = 0
+    micro_batch: int = 0  # windows per forward/backward, gradients accumulated over the batch (0: the whole batch)
 
     def __post_init__(self) -> None:
+        if self.micro_batch < 0:
+            raise ConfigError(f"micro_batch={self.micro_batch} must be >= 0 (0: the whole batch)")
         for name in ("steps", "batch_size", "seq_len", "samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")

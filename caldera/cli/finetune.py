@@ -71,6 +71,10 @@ def finetune_cmd(
     samples: Annotated[
         int, typer.Option(help="Windows drawn from the text, at most (as many as it holds); reshuffled every epoch.")
     ] = 1024,
+    micro_batch: Annotated[
+        int,
+        typer.Option(help="Windows per forward/backward, gradients accumulated (0: the whole batch; 1 on a CPU)."),
+    ] = 0,
     norms: Annotated[bool, typer.Option(help="Train the RMSNorm weights too.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the window order.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -80,7 +84,7 @@ def finetune_cmd(
     every step, straight-through), Q's scales and the norms; writes a new export with the same bits per weight.
     Interrupted: nothing is written; run again."""
     try:
-        cfg = FinetuneConfig(steps, lr, batch_size, seq_len, samples, norms, seed)
+        cfg = FinetuneConfig(steps, lr, batch_size, seq_len, samples, norms, seed, micro_batch)
         summary = run_finetune(model, out, original, data, cfg, device, json_out)
     except finetune_errors() as e:
         fail(str(e))

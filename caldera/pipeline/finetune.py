@@ -94,8 +94,8 @@ def distill(
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``student``'s parameters that require grad (Adam) toward ``teacher``'s logits on windows of
-    ``input_ids`` (samples, seq_len) int64, ``cfg.batch_size`` per step in seeded random order; the loss of
-    every step (KL per token, nats)."""
+    ``input_ids`` (samples, seq_len) int64, ``cfg.batch_size`` per step in seeded random order (``cfg.micro_batch``
+    at a time, gradients accumulated: the same step in less memory); the loss of every step (KL per token, nats)."""
     device = next(teacher.parameters()).device
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -105,15 +105,18 @@ def distill(
         if len(order) < cfg.batch_size:
             order = torch.randperm(len(input_ids), generator=gen).tolist()
         batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        ids = input_ids[batch].to(device)
-        with torch.no_grad():
-            target = teacher(ids, use_cache=False).logits
-        loss = kl_per_token(target, student(ids, use_cache=False).logits)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for part in torch.tensor(batch).split(cfg.micro_batch or len(batch)):  # gradients accumulate
+            ids = input_ids[part].to(device)
+            with torch.no_grad():
+                target = teacher(ids, use_cache=False).logits
+            part_loss = kl_per_token(target, student(ids, use_cache=False).logits) * (len(part) / len(batch))
+            part_loss.backward()
+            loss += part_loss.item()
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(loss)
         if on_step is not None:
             on_step(step, losses[-1])
     return losses
