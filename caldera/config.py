@@ -120,9 +120,12 @@ class DecomposeConfig(_Config):
     zero_point: bool = False
     clip_search: bool = True
     seed: int = 0
+    protect: float = 0.0  # fraction of weights kept exactly (fp16 outliers beside Q), by importance w² · H_jj
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _enum(Method, "method", self.method))
+        if not 0 <= self.protect <= 0.01:
+            raise ConfigError(f"protect={self.protect} must be in [0, 0.01] (a fraction of the weights; 0: off)")
         implied = self.method in (Method.LDLQ_HAD, Method.CALDERA)
         if self.incoherence is None:
             object.__setattr__(self, "incoherence", implied)
@@ -144,6 +147,11 @@ class DecomposeConfig(_Config):
             raise ConfigError(f"lr_iters={self.lr_iters} must be >= 0")
         if not 0 < self.damping < 1:
             raise ConfigError(f"damping={self.damping} must be in (0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As _Config, without ``protect`` when it is off: run directories made before it existed stay valid."""
+        out = super().to_dict()
+        return out if self.protect else {k: v for k, v in out.items() if k != "protect"}
 
     @classmethod
     def for_method(cls, method: Method | str, **kw: Any) -> DecomposeConfig:

@@ -39,6 +39,13 @@ OverridesOpt = Annotated[
         show_default=False,
     ),
 ]
+ProtectOpt = Annotated[
+    float,
+    typer.Option(
+        help="Fraction of each linear's weights kept exactly (fp16 outliers beside Q, chosen by w² · H_jj), "
+        "e.g. 0.0001; 0: off."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
 
 

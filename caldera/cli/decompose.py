@@ -16,6 +16,7 @@ from caldera.cli.common import (
     JsonOpt,
     ModelOpt,
     OverridesOpt,
+    ProtectOpt,
     ZeroPointOpt,
     app,
     emit,
@@ -54,6 +55,7 @@ def decompose(
     calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
     damping: DampingOpt = 0.01,
     zero_point: ZeroPointOpt = False,
+    protect: ProtectOpt = 0.0,
     seed: Annotated[int, typer.Option(help="Base seed; each matrix derives its own from (seed, layer, name).")] = 0,
     ray: Annotated[
         bool,
@@ -92,6 +94,7 @@ def decompose(
             seed=seed,
             damping=damping,
             zero_point=zero_point,
+            protect=protect,
         )
         calibration = {"samples": samples, "seq_len": seq_len, "calib": calib}
         address = ray_address or ("local" if ray else None)

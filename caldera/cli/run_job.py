@@ -28,6 +28,7 @@ from caldera.cli.common import (
     JsonOpt,
     ModelOpt,
     OverridesOpt,
+    ProtectOpt,
     ZeroPointOpt,
     app,
     emit,
@@ -47,13 +48,14 @@ evaluation split (~38k tokens) 16k tokens keep five evaluations to ~1 min each o
 
 
 def method_tag(cfg, overrides=None) -> str:
-    """Folder name of one method's settings, e.g. caldera-q2-l4-r4-k256-g64-i4 or gptq-q2-g64; per-layer
-    overrides add -o and 8 hex digits of their rules."""
+    """Folder name of one method's settings, e.g. caldera-q2-l4-r4-k256-g64-i4 or gptq-q2-g64 (-p0.0001 with kept
+    weights); per-layer overrides add -o and 8 hex digits of their rules."""
     tag = f"{cfg.method.value}-q{cfg.bq}"
     if cfg.rank:
         tag += f"-l{cfg.bl}-r{cfg.br}-k{cfg.rank}"
     tag += f"-g{cfg.group_size}" + (f"-i{cfg.iters}" if cfg.rank else "")
     tag += ("" if cfg.damping == 0.01 else f"-d{cfg.damping:g}") + ("-z" if cfg.zero_point else "")
+    tag += f"-p{cfg.protect:g}" if cfg.protect else ""
     if overrides:
         tag += "-o" + hashlib.sha256(json.dumps(overrides.to_dict()).encode()).hexdigest()[:8]
     return tag
@@ -104,7 +106,8 @@ def _settings_of(model: Path) -> dict:
     overrides = len(qc["decompose"].get("overrides") or {})
     steps = (qc.get("finetune") or {}).get("steps", 0)
     return {"zero_point": qc["zero_point"], "damping": qc["decompose"]["damping"], "overrides": overrides} | {
-        "finetune_steps": steps
+        "finetune_steps": steps,
+        "protect": qc["decompose"].get("protect", 0.0),
     }
 
 
@@ -212,6 +215,7 @@ def run_job(
     iters: Annotated[int, typer.Option(help="CALDERA rounds.")] = DECOMPOSE_ITERS,
     damping: DampingOpt = 0.01,
     zero_point: ZeroPointOpt = False,
+    protect: ProtectOpt = 0.0,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = DECOMPOSE_SAMPLES,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = DECOMPOSE_SEQ_LEN,
     calib: Annotated[list[Path] | None, typer.Option(help=TEXTS_HELP)] = None,
@@ -254,6 +258,7 @@ def run_job(
                 iters=iters,
                 damping=damping,
                 zero_point=zero_point,
+                protect=protect,
             )
             for m in methods.split(",")
         ]

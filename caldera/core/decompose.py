@@ -25,6 +25,36 @@ from caldera.core.quantize import QuantizedTensor, quantize
 
 
 @dataclasses.dataclass
+class Outliers:
+    """Weights kept exactly: Ŵ = Ŵ₀ + S, S zero except at ``index`` (flat i·n + j, original domain), where it holds
+    W − Ŵ₀ (Ŵ₀ the Q + L·R approximation), so Ŵ equals W there up to fp16 rounding of the difference."""
+
+    index: torch.Tensor  # int32 (k,), ascending
+    value: torch.Tensor  # fp16 (k,)
+
+    def dense(self, shape: tuple[int, int]) -> torch.Tensor:
+        """S (m, n) float32."""
+        s = torch.zeros(shape[0] * shape[1], device=self.value.device)
+        return s.index_put_((self.index.long(),), self.value.float()).view(shape)
+
+    def nbytes(self) -> int:
+        return self.index.numel() * 4 + self.value.numel() * 2
+
+
+def protected_count(m: int, n: int, fraction: float) -> int:
+    """How many of an (m, n) matrix's weights ``protect=fraction`` keeps exactly (at least one when on)."""
+    return 0 if fraction == 0 else max(1, math.ceil(fraction * m * n))
+
+
+def protected_positions(w: torch.Tensor, h_diag: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Flat positions (int64, ascending) of the ``fraction`` most important weights of w (m, n): importance
+    w_ij² · H_jj, the output error their loss would cause on the calibration inputs."""
+    k = protected_count(*w.shape, fraction)
+    importance = (w.float().square() * h_diag.to(w.device, torch.float32)).view(-1)
+    return importance.topk(k).indices.sort().values
+
+
+@dataclasses.dataclass
 class Decomposition:
     """Q (m, n), optional L (m, k) and R (k, n), all in the transformed domain when u_out/u_in are set."""
 
@@ -38,6 +68,7 @@ class Decomposition:
     history: list[float]  # act_err of every round; act_err is their minimum
     seconds: float
     damping: float  # damping actually used (raised if H was not positive definite)
+    outliers: Outliers | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -57,11 +88,12 @@ class Decomposition:
     def dense(self) -> torch.Tensor:
         """The approximation of the original W, float32 (m, n)."""
         w = self.transformed()
-        return w if self.u_in is None else restore_weight(w, self.u_out, self.u_in)
+        w = w if self.u_in is None else restore_weight(w, self.u_out, self.u_in)
+        return w if self.outliers is None else w + self.outliers.dense(self.shape)
 
     def nbytes(self) -> int:
-        """Every stored byte: codes, scales, zero points, L, R and incoherence signs."""
-        n = self.q.nbytes()
+        """Every stored byte: codes, scales, zero points, L, R, incoherence signs and outliers."""
+        n = self.q.nbytes() + (0 if self.outliers is None else self.outliers.nbytes())
         if self.l is not None:
             n += self.l.nbytes() + self.r.nbytes()
         if self.u_in is not None:
@@ -90,7 +122,10 @@ def layout(shape: tuple[int, int], cfg: DecomposeConfig) -> Decomposition:
     if cfg.rank:
         left, right = _quantized_layout(m, cfg.rank, cfg.l_quant()), _quantized_layout(cfg.rank, n, cfg.r_quant())
     u_out, u_in = transforms_for(m, n, cfg.seed) if cfg.incoherence else (None, None)
-    return Decomposition(q, left, right, u_out, u_in, math.nan, math.nan, [], 0.0, cfg.damping)
+    k = protected_count(m, n, cfg.protect)
+    meta = (torch.empty(k, dtype=torch.int32, device="meta"), torch.empty(k, dtype=torch.float16, device="meta"))
+    outliers = Outliers(*meta) if k else None
+    return Decomposition(q, left, right, u_out, u_in, math.nan, math.nan, [], 0.0, cfg.damping, outliers)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -125,6 +160,10 @@ def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> 
     wf = w.float()
     m, n = wf.shape
     h = torch.eye(n, device=w.device) if h is None else h
+    protected = None
+    if cfg.protect:  # decompose W with its most important weights zeroed; they are restored exactly after
+        original, protected = wf, protected_positions(wf, h.diagonal(), cfg.protect)
+        wf = wf.clone().view(-1).index_fill_(0, protected, 0.0).view(m, n)
     u_out = u_in = None
     if cfg.incoherence:
         u_out, u_in = transforms_for(m, n, cfg.seed)
@@ -139,8 +178,23 @@ def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> 
         (q, left, right, err), history, lam = _alternate(wf, hf, cfg)
     dec = Decomposition(q, left, right, u_out, u_in, err, 0.0, history, 0.0, lam)
     dec.fro_err = fro_err(wf, dec.transformed())  # transforms are orthogonal: same in either domain
+    if protected is not None:
+        _restore_outliers(dec, original, protected, hf)
     dec.seconds = time.perf_counter() - start
     return dec
+
+
+def _restore_outliers(dec: Decomposition, w: torch.Tensor, protected: torch.Tensor, hf: torch.Tensor) -> None:
+    """Set ``dec.outliers`` so that Ŵ = W at ``protected``, and its errors to those of the final Ŵ against w."""
+    m, n = w.shape
+    rest = dec.dense().reshape(-1)[protected]
+    dec.outliers = Outliers(protected.int(), (w.view(-1)[protected] - rest).half())
+    if dec.u_in is None:
+        target, approx = w, dec.dense()
+    else:  # errors in the transformed domain, where hf lives: the outliers' share transformed as well
+        target = transform_weight(w, dec.u_out, dec.u_in)
+        approx = dec.transformed() + transform_weight(dec.outliers.dense((m, n)), dec.u_out, dec.u_in)
+    dec.act_err, dec.fro_err = act_err(target, approx, hf), fro_err(target, approx)
 
 
 def _alternate(w: torch.Tensor, h: torch.Tensor, cfg: DecomposeConfig):

@@ -63,6 +63,7 @@ def size_stats(folder: Path | str) -> dict[str, Any]:
             "damping": qc["decompose"]["damping"],
             "overrides": len(qc["decompose"].get("overrides") or {}),
             "finetune_steps": (qc.get("finetune") or {}).get("steps", 0),
+            "protect": qc["decompose"].get("protect", 0.0),
         }
     reader = ShardReader(folder)
     params = sum(math.prod(i.shape) for i in reader.info.values())

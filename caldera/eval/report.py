@@ -23,7 +23,8 @@ PROJECTIONS = tuple(PROJ_PATH)  # q, k, v, o, gate, up, down
 
 def settings(result: dict[str, Any]) -> str:
     """'2/4/4/r64/g64' (BQ/BL/BR/rank/group, then /zp for zero points, /d0.1 for a non-default damping, /+N rules
-    for per-layer overrides on top of these settings, /ftN after N steps of caldera finetune) of an eval result,
+    for per-layer overrides on top of these settings, /pF for kept weights (protect), /ftN after N steps of caldera
+    finetune) of an eval result,
     '16 (original)' for an uncompressed model."""
     if result.get("method") in (None, "dense"):
         return "16 (original)"
@@ -31,6 +32,7 @@ def settings(result: dict[str, Any]) -> str:
         f"/d{result['damping']:g}" if result.get("damping", 0.01) != 0.01 else ""
     )
     extra += f"/+{result['overrides']} rules" if result.get("overrides") else ""
+    extra += f"/p{result['protect']:g}" if result.get("protect") else ""
     extra += f"/ft{result['finetune_steps']}" if result.get("finetune_steps") else ""
     if result["method"] != "caldera" or not result["rank"]:
         return f"{result['bq']}/–/–/r0/g{result['group_size']}{extra}"

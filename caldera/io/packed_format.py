@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from caldera.config import SUPPORTED_BITS
-from caldera.core.decompose import Decomposition
+from caldera.core.decompose import Decomposition, Outliers
 from caldera.core.incoherence import IncoherenceTransform, restore_weight, split_pow2
 from caldera.core.quantize import QuantizedTensor, num_groups
 from caldera.io.packing import pack_codes, pack_signs, packed_cols, unpack_codes, unpack_signs
@@ -26,7 +26,9 @@ LINEAR_KEY = "caldera.linear."  # header key prefix: + <prefix> -> the linear's 
 BLOCK_KEY = "incoherence.block."  # tensor name prefix: + <q> -> the shared orthogonal block (q, q) float32
 ORTHOGONALITY_TOL = 1e-4  # max |BᵀB - I| accepted for a stored block
 _PARTS = ("q", "l", "r")
-_KNOWN = tuple(f"{p}{s}" for p in _PARTS for s in ("", ".codes", ".scales", ".zeros")) + ("su", "sv")
+OUTLIER_INDEX, OUTLIER_VALUE = "outlier_index", "outlier_value"  # suffixes of the kept weights (protect)
+_KNOWN = tuple(f"{p}{s}" for p in _PARTS for s in ("", ".codes", ".scales", ".zeros"))
+_KNOWN += ("su", "sv", OUTLIER_INDEX, OUTLIER_VALUE)
 
 
 class FormatError(ValueError):
@@ -45,7 +47,8 @@ def _part_meta(t: QuantizedTensor | None) -> dict[str, Any] | None:
 
 
 def linear_metadata(dec: Decomposition) -> dict[str, Any]:
-    """The linear's JSON-able header entry: version, shape, rank, per-part bits/groups/zero points, incoherence."""
+    """The linear's JSON-able header entry: version, shape, rank, per-part bits/groups/zero points, incoherence, and
+    the number of kept weights (``outliers``, only when there are any)."""
     m, n = dec.shape
     return {
         "format_version": FORMAT_VERSION,
@@ -57,7 +60,7 @@ def linear_metadata(dec: Decomposition) -> dict[str, Any]:
         "incoherence": dec.u_in is not None,
         "seed_out": None if dec.u_out is None else dec.u_out.seed,  # informational: su/sv are authoritative
         "seed_in": None if dec.u_in is None else dec.u_in.seed,
-    }
+    } | ({"outliers": dec.outliers.index.numel()} if dec.outliers is not None else {})
 
 
 def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -93,6 +96,9 @@ def linear_tensors(prefix: str, dec: Decomposition, bias: torch.Tensor | None = 
     if dec.u_in is not None:
         out[f"{prefix}.su"] = pack_signs(dec.u_out.signs).cpu()
         out[f"{prefix}.sv"] = pack_signs(dec.u_in.signs).cpu()
+    if dec.outliers is not None:
+        out[f"{prefix}.{OUTLIER_INDEX}"] = _host(dec.outliers.index, torch.int32)
+        out[f"{prefix}.{OUTLIER_VALUE}"] = _host(dec.outliers.value, torch.float16)
     if bias is not None:
         if tuple(bias.shape) != (dec.shape[0],):
             raise FormatError(f"tensor {prefix}.bias: shape {tuple(bias.shape)}, expected ({dec.shape[0]},)")
@@ -192,6 +198,7 @@ def _expected(meta: dict[str, Any]) -> set[str]:
         if pm is not None:
             suffixes = ("",) if pm["bits"] == 16 else (".codes", ".scales") + ((".zeros",) if pm["zero_point"] else ())
             out |= {part + s for s in suffixes}
+    out |= {OUTLIER_INDEX, OUTLIER_VALUE} if meta.get("outliers") else set()
     return out | ({"su", "sv"} if meta["incoherence"] else set())
 
 
@@ -213,6 +220,9 @@ def _check_meta(prefix: str, meta: Mapping[str, Any]) -> tuple[int, int, int]:
             raise FormatError(f"{prefix} metadata: {part!r} must be {'null' if want_null else 'set'} at rank {rank}")
         if meta[part] is not None:
             _check_part_meta(prefix, part, meta[part])
+    k = meta.get("outliers", 0)
+    if not (isinstance(k, int) and 0 <= k <= shape[0] * shape[1]):
+        raise FormatError(f"{prefix} metadata: outliers={k!r} must be an integer in [0, {shape[0] * shape[1]}]")
     return shape[0], shape[1], rank
 
 
@@ -250,7 +260,22 @@ def read_linear(tensors: Mapping[str, torch.Tensor], prefix: str, meta: Mapping[
     if bias is not None:
         dtype = torch.float16 if bias.dtype == torch.float16 else torch.float32
         bias = _get(tensors, f"{prefix}.bias", dtype, (m,))
-    return PackedLinear((m, n), q, left, right, *signs, *blocks, bias, dict(meta))
+    outliers = _read_outliers(tensors, prefix, meta)
+    return PackedLinear((m, n), q, left, right, *signs, *blocks, bias, dict(meta), outliers)
+
+
+def _read_outliers(tensors: Mapping[str, torch.Tensor], prefix: str, meta: Mapping[str, Any]) -> Outliers | None:
+    k = meta.get("outliers", 0)
+    if not k:
+        return None
+    index = _get(tensors, f"{prefix}.{OUTLIER_INDEX}", torch.int32, (k,))
+    value = _get(tensors, f"{prefix}.{OUTLIER_VALUE}", torch.float16, (k,))
+    m, n = meta["shape"]
+    if not (bool((index[1:] > index[:-1]).all()) and int(index[0]) >= 0 and int(index[-1]) < m * n):
+        raise FormatError(f"tensor {prefix}.{OUTLIER_INDEX}: positions must ascend strictly within [0, {m * n})")
+    if not torch.isfinite(value).all():
+        raise FormatError(f"tensor {prefix}.{OUTLIER_VALUE}: contains NaN or Inf")
+    return Outliers(index, value)
 
 
 # --- the linear as read ----------------------------------------------------------------------------------------
@@ -270,6 +295,7 @@ class PackedLinear:
     block_in: torch.Tensor | None
     bias: torch.Tensor | None  # fp16 or fp32 (out,)
     meta: dict[str, Any]
+    outliers: Outliers | None = None  # kept weights, original domain
 
     @property
     def rank(self) -> int:
@@ -283,20 +309,21 @@ class PackedLinear:
         return w
 
     def dense_weight(self) -> torch.Tensor:
-        """The effective weight in the original domain, U_outᵀ (Q + L R) U_in, float32 (out, in)."""
+        """The effective weight in the original domain, U_outᵀ (Q + L R) U_in + S (kept weights), float32 (out, in)."""
         w = self.transformed_weight()
-        if self.signs_in is None:
-            return w
         m, n = w.shape
-        u_out = IncoherenceTransform(m, 0, self.signs_out, self.block_out)  # the stored signs and blocks
-        u_in = IncoherenceTransform(n, 0, self.signs_in, self.block_in)
-        return restore_weight(w, u_out, u_in)  # U_outᵀ W̃ U_in
+        if self.signs_in is not None:
+            u_out = IncoherenceTransform(m, 0, self.signs_out, self.block_out)  # the stored signs and blocks
+            u_in = IncoherenceTransform(n, 0, self.signs_in, self.block_in)
+            w = restore_weight(w, u_out, u_in)  # U_outᵀ W̃ U_in
+        return w if self.outliers is None else w + self.outliers.dense((m, n))
 
     def nbytes(self) -> int:
-        """Bytes of this linear's own tensors: codes, scales, zeros, L, R, sign bits (not bias, not shared blocks)."""
+        """Bytes of this linear's own tensors: codes, scales, zeros, L, R, sign bits, outliers (not bias, not shared
+        blocks)."""
         n = self.q.nbytes()
         if self.l is not None:
             n += self.l.nbytes() + self.r.nbytes()
         if self.signs_in is not None:
             n += -(-self.shape[0] // 8) + -(-self.shape[1] // 8)
-        return n
+        return n + (0 if self.outliers is None else self.outliers.nbytes())

@@ -63,6 +63,7 @@ class PlanConfig:
     kv_bits: int = 16
     ctx: int = 4096
     layers_per_shard: int = LAYERS_PER_SHARD
+    protect: float = 0.0  # fraction of each linear's weights kept exactly (fp16 outliers)
 
     def __post_init__(self) -> None:
         if len(self.ranks) != len(PROJECTIONS) or min(self.ranks) < 0:
@@ -76,7 +77,7 @@ class PlanConfig:
         self.decompose_config(0)  # bits and group sizes checked by DecomposeConfig
 
     def decompose_config(self, rank: int) -> DecomposeConfig:
-        kw = {"bq": self.bq, "bl": self.bl, "br": self.br, "group_size": self.group_size}
+        kw = {"bq": self.bq, "bl": self.bl, "br": self.br, "group_size": self.group_size, "protect": self.protect}
         return DecomposeConfig(rank=rank, lr_group_size=self.lr_group_size, zero_point=self.zero_point, **kw)
 
     def to_dict(self) -> dict[str, Any]:

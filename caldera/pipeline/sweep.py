@@ -12,8 +12,8 @@
     baselines:                         # explicit configs, drawn as references (not on the Pareto front)
       - {method: gptq, bq: 3, group_size: 128, zero_point: true}
 
-Config keys: method, bq, bl, br, lr_bits, rank, group_size, iters, damping, zero_point, samples, seq_len (the last
-two change the calibration: configs that share it share Hessians). ``rank`` is an integer, ``{fraction: f}`` of the
+Config keys: method, bq, bl, br, lr_bits, rank, group_size, iters, damping, zero_point, protect, samples, seq_len (the
+last two change the calibration: configs that share it share Hessians). ``rank`` is an integer, ``{fraction: f}`` of the
 hidden size (min(m, n) of every projection whose rank is not clamped), or ``{bits_per_weight: b}``: the largest
 uniform rank whose linears take at most b bits per weight, counted by the packed-format writer. Unknown keys
 anywhere are an error naming the key.
@@ -33,7 +33,7 @@ TOP_KEYS = frozenset({"name", "model", "calibration", "eval", "embed_bits", "fix
 CALIBRATION_KEYS = frozenset({"samples", "seq_len", "calib"})
 EVAL_KEYS = frozenset({"seq_len", "max_tokens", "data"})
 DECOMPOSE_KEYS = frozenset(
-    {"method", "bq", "bl", "br", "lr_bits", "rank", "group_size", "iters", "damping", "zero_point"}
+    {"method", "bq", "bl", "br", "lr_bits", "rank", "group_size", "iters", "damping", "zero_point", "protect"}
 )
 CONFIG_KEYS = DECOMPOSE_KEYS | {"samples", "seq_len"}
 RANK_FORMS = frozenset({"fraction", "bits_per_weight"})
@@ -141,6 +141,7 @@ def linears_bits(shape, cfg: DecomposeConfig, rank: int) -> float:
     from caldera.pipeline.plan import PROJECTIONS, PlanConfig, plan
 
     kw = {"bq": cfg.bq, "bl": cfg.bl, "br": cfg.br, "group_size": cfg.group_size, "zero_point": cfg.zero_point}
+    kw["protect"] = cfg.protect
     pc = PlanConfig(ranks=(rank,) * len(PROJECTIONS), lr_group_size=cfg.lr_group_size, embed_bits=16, **kw)
     return plan(shape, pc, 0).bits_per_weight_linears
 

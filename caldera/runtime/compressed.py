@@ -1,7 +1,8 @@
 """Unfused PyTorch modules over the packed tensors of docs/FORMAT.md: the reference every faster path is checked by.
 
-    CompressedLinear     y = x Ŵᵀ + b,  Ŵ = U_outᵀ (dequant(Q) + dequant(L) dequant(R)) U_in
-                         computed as x̃ = U_in x;  ỹ = x̃ dequant(Q)ᵀ + (x̃ dequant(R)ᵀ) dequant(L)ᵀ;  y = U_outᵀ ỹ + b
+    CompressedLinear     y = x Ŵᵀ + b,  Ŵ = U_outᵀ (dequant(Q) + dequant(L) dequant(R)) U_in + S
+                         computed as x̃ = U_in x;  ỹ = x̃ dequant(Q)ᵀ + (x̃ dequant(R)ᵀ) dequant(L)ᵀ;
+                         y = U_outᵀ ỹ + S x + b  (S: the weights kept exactly, sparse, often absent)
     CompressedEmbedding  row t of dequant(Q) for token t (only the looked-up rows are dequantized)
 
 The modules keep the codes packed (uint8) and dequantize on every call, in the activations' dtype, on their
@@ -92,6 +93,11 @@ class CompressedLinear(nn.Module):
             self.register_buffer(f"block_{side}", None if block is None else _frozen(block))
         self.register_buffer("bias", linear.bias)
         self.register_buffer("dense", None)  # Ŵ, only after materialize()
+        kept = linear.outliers  # weights kept exactly: y += S x, S sparse (rows, cols, values)
+        n = self.in_features
+        self.register_buffer("outlier_rows", None if kept is None else (kept.index.long() // n))
+        self.register_buffer("outlier_cols", None if kept is None else (kept.index.long() % n))
+        self.register_buffer("outlier_values", None if kept is None else _frozen(kept.value))
 
     def _transform(self, side: str, dtype: torch.dtype) -> IncoherenceTransform:
         signs, block = getattr(self, f"signs_{side}"), getattr(self, f"block_{side}")
@@ -106,9 +112,19 @@ class CompressedLinear(nn.Module):
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Ŵ (out, in) in ``dtype``: the dense matrix this module multiplies by."""
         w = self.transformed_weight(dtype)
-        if not self.incoherence:
-            return w
-        return self._transform("out", dtype).inverse(self._transform("in", dtype).inverse(w).T).T
+        if self.incoherence:
+            w = self._transform("out", dtype).inverse(self._transform("in", dtype).inverse(w).T).T
+        if self.outlier_rows is not None:
+            kept = _thawed(self.outlier_values, dtype)
+            w = w.index_put((self.outlier_rows, self.outlier_cols), kept, accumulate=True)
+        return w
+
+    def outlier_term(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + S x for the kept weights S (original domain), x (..., in), y (..., out); y itself without any."""
+        if self.outlier_rows is None:
+            return y
+        contrib = x[..., self.outlier_cols] * _thawed(self.outlier_values, x.dtype)  # (..., k)
+        return y.index_add(-1, self.outlier_rows, contrib)
 
     def materialize(self, dtype: torch.dtype = torch.float32) -> None:
         """Keep Ŵ dense from now on: forward becomes one dense matmul with the same output (to rounding) at the
@@ -120,20 +136,21 @@ class CompressedLinear(nn.Module):
         dtype = x.dtype
         if self.dense is not None:
             return nn.functional.linear(x, self.dense.to(dtype), None if self.bias is None else self.bias.to(dtype))
-        if self.incoherence:
-            x = self._transform("in", dtype).forward(x)  # x̃ = U_in x (per row)
-        y = nn.functional.linear(x, self.q.dequantize(dtype))
+        xt = self._transform("in", dtype).forward(x) if self.incoherence else x  # x̃ = U_in x (per row)
+        y = nn.functional.linear(xt, self.q.dequantize(dtype))
         if self.l is not None:
-            y = y + nn.functional.linear(nn.functional.linear(x, self.r.dequantize(dtype)), self.l.dequantize(dtype))
+            y = y + nn.functional.linear(nn.functional.linear(xt, self.r.dequantize(dtype)), self.l.dequantize(dtype))
         if self.incoherence:
             y = self._transform("out", dtype).inverse(y)  # y = U_outᵀ ỹ (per row)
+        y = self.outlier_term(x, y)
         return y if self.bias is None else y + self.bias.to(dtype)
 
     def nbytes(self) -> int:
         """Bytes of the stored parts (codes, scales, zeros, factors): what the layer costs in memory, bias aside."""
         parts = [p for p in (self.q, self.l, self.r) if p is not None]
         signs = -(-self.out_features // 8) + -(-self.in_features // 8) if self.incoherence else 0
-        return sum(p.nbytes() for p in parts) + signs
+        kept = 0 if self.outlier_rows is None else self.outlier_rows.numel() * 6  # int32 position + fp16 value
+        return sum(p.nbytes() for p in parts) + signs + kept
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, incoherence={self.incoherence}"

@@ -315,7 +315,8 @@ class MaxModule(nn.Module):
 
 
 class MaxLinear(MaxModule):
-    """A CompressedLinear whose transformed-domain product runs in MAX: y = U_outᵀ MAX(U_in x) (+ b).
+    """A CompressedLinear whose transformed-domain product runs in MAX: y = U_outᵀ MAX(U_in x) (+ b) (+ S x for kept
+    weights, in torch).
 
     Falls back to the module's own PyTorch forward when the kernels cannot run the layer (``reason`` says why).
     """
@@ -347,7 +348,8 @@ class MaxLinear(MaxModule):
         if m.incoherence:
             ys = tuple(m._transform("out", x.dtype).inverse(y) for y in ys)
             ys = ys if m.bias is None else tuple(y + m.bias.to(x.dtype) for y in ys)
-        return tuple(y.reshape(*lead, m.out_features) for y in ys)
+        x2 = x.reshape(-1, m.in_features)
+        return tuple(m.outlier_term(x2, y).reshape(*lead, m.out_features) for y in ys)  # kept weights, in torch
 
 
 def use_max(model: nn.Module, impl: Impl = "fused", scope: Literal["linear", "layer"] = "linear") -> dict[str, str]:

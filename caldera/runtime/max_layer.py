@@ -88,6 +88,8 @@ def plan_group(modules: Sequence[CompressedLinear]) -> tuple[GroupPlan, dict[str
     device = modules[0].q.codes.device
     if len({m.in_features for m in modules}) > 1:
         raise mg.Unsupported("the linears of a group must read inputs of one width")
+    if any(m.outlier_rows is not None for m in modules):
+        raise mg.Unsupported("kept weights (protect) are added per linear, outside the layer graphs")
     specs = tuple(mg.KernelSpec.of(m, device) for m in modules)
     tensors: dict[str, torch.Tensor] = {}
     for j, m in enumerate(modules):

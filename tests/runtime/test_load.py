@@ -140,3 +140,20 @@ def test_dense_weights_give_the_same_logits(exports):
         dense = dense_model(ids).logits
     assert all(m.dense is not None for m in dense_model.modules() if isinstance(m, CompressedLinear))
     assert ((dense - packed).norm() / packed.norm()).item() < 1e-5
+
+
+def test_kept_weights_load_and_give_the_dense_models_logits(qwen2_dir, calib_file, tmp_path):
+    """decompose --protect stores fp16 outliers beside Q; the loaded model adds them (S x) like the dense Ŵ."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    args = ["decompose", "--model", str(qwen2_dir), "--calib", str(calib_file), *FAST, "--protect", "0.002"]
+    assert runner.invoke(app, [*args, "--run", str(run), "--json"]).exit_code == 0
+    assert runner.invoke(app, ["export", "--run", str(run), "--out", str(out)]).exit_code == 0
+    model = caldera.load(out)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, CompressedLinear)]
+    assert len(linears) == 14 and all(m.outlier_rows is not None and m.outlier_rows.numel() > 0 for m in linears)
+    ids = _ids(model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        logits, expected = model(ids).logits, dense_reference(qwen2_dir, out)(ids).logits
+    rel = ((logits - expected).norm() / expected.norm()).item()
+    assert rel < 1e-5, f"||Δ||/||ref|| = {rel:.2e} (float32 rounding only)"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["decompose"]["protect"] == 0.002
