@@ -44,7 +44,7 @@ def doc_transform(tensors, signs_name: str, n: int) -> torch.Tensor:
 
 
 def doc_weight(tensors: Mapping[str, torch.Tensor], prefix: str, meta: Mapping[str, Any]) -> torch.Tensor:
-    """Ŵ = U_outᵀ (Q + L R) U_in, float64 (out, in), of the linear ``prefix`` with metadata ``meta``."""
+    """Ŵ = U_outᵀ (Q + L R) U_in + S, float64 (out, in), of the linear ``prefix`` with metadata ``meta``."""
     (m, n), k = meta["shape"], meta["rank"]
 
     def part(p: str, rows: int, cols: int) -> torch.Tensor:
@@ -54,6 +54,8 @@ def doc_weight(tensors: Mapping[str, torch.Tensor], prefix: str, meta: Mapping[s
     w = part("q", m, n) + (part("l", m, k) @ part("r", k, n) if k else 0)
     if meta["incoherence"]:
         w = doc_transform(tensors, f"{prefix}.su", m).T @ w @ doc_transform(tensors, f"{prefix}.sv", n)
+    for pos, value in zip(*(tensors.get(f"{prefix}.outlier_{t}", []) for t in ("index", "value")), strict=True):
+        w[int(pos) // n, int(pos) % n] += float(value)  # S: kept weights, one at a time as §6 states
     return w
 
 

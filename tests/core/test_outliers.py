@@ -9,6 +9,7 @@ from caldera.core.decompose import decompose, layout, protected_count
 from caldera.io.packed_format import FormatError, incoherence_blocks, linear_metadata, linear_tensors, read_linear
 from caldera.runtime.compressed import CompressedLinear
 from caldera.testing import lowrank_plus_noise, random_spd_hessian
+from caldera.testing.format_reference import doc_forward
 
 M, N = 80, 96
 FAST = {"iters": 2, "lr_iters": 1}
@@ -56,8 +57,9 @@ def test_format_round_trip_and_runtime_forward_against_float64():
     assert torch.allclose(linear.dense_weight(), dec.dense(), atol=1e-5)
     module = CompressedLinear(tensors, PREFIX, meta)
     x = torch.randn(5, N, generator=torch.Generator().manual_seed(4))
-    expected = x.double() @ dec.dense().double().T
+    expected = doc_forward(tensors, PREFIX, meta, x)  # docs/FORMAT.md §6 in float64
     assert torch.allclose(module(x).double(), expected, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(expected, x.double() @ dec.dense().double().T, rtol=1e-4, atol=1e-4)
     assert torch.allclose(module.dense_weight(), dec.dense(), atol=1e-5)
     assert module.nbytes() == dec.nbytes()
 
