@@ -256,7 +256,7 @@ def test_full_disk_leaves_no_folder_behind(exported, tmp_path, monkeypatch):
         written.append(path)
         path.write_bytes(data)
 
-    monkeypatch.setattr("caldera.pipeline.export._write", half_then_full)
+    monkeypatch.setattr("caldera.pipeline.export.write_durably", half_then_full)
     target = tmp_path / "models" / "out"
     _one_line_error(_export(run, target), f"cannot write {target}: No space left on device")
     assert written and list((tmp_path / "models").iterdir()) == []  # neither the folder nor its temporary
