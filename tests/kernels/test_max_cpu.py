@@ -115,3 +115,22 @@ def test_real_exported_layer(real_layers, proj):
     reference = doc_forward(tensors, proj, meta, x)
     for y in mg.MaxLinear(module).outputs(x, mg.IMPLS):
         assert rel_err(y, reference) < 1e-5
+
+
+@pytest.mark.parametrize("incoherence", (True, False))
+def test_kept_weights_are_added_after_the_kernel(incoherence):
+    """A linear with outliers (decompose --protect): the kernel's product plus S x in torch equals the format."""
+    from caldera.config import DecomposeConfig
+    from caldera.core.decompose import decompose
+    from caldera.io.packed_format import incoherence_blocks, linear_metadata, linear_tensors
+    from caldera.testing import lowrank_plus_noise, random_spd_hessian
+
+    w, h = lowrank_plus_noise(64, 128, 8, seed=14, noise=0.3), random_spd_hessian(128, seed=15)
+    cfg = DecomposeConfig(rank=8, iters=2, lr_iters=1, incoherence=incoherence, protect=0.002)
+    dec = decompose(w, h, cfg)
+    tensors, meta = linear_tensors("linear", dec) | incoherence_blocks([dec]), linear_metadata(dec)
+    layer = mg.MaxLinear(CompressedLinear(tensors, "linear", meta))
+    assert layer.reason is None and meta["outliers"] > 0
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(16))
+    reference = doc_forward(tensors, "linear", meta, x)
+    assert all(rel_err(y, reference) < 1e-5 for y in layer.outputs(x, mg.IMPLS))
