@@ -2,8 +2,9 @@
 
 Tolerance ||Δ||/||ref|| < 1e-2 per projection against docs/FORMAT.md in float64 (the kernels' bf16 weights and
 activations, 2^-9 relative each, as in test_max_gpu.py; the transforms accumulate in float32), < 2e-2 for the
-SwiGLU MLP's output (three products and silu·mul, each rounded to bf16), and < 2e-2 for the logits of the tiny model (float32 activations, rounded to bf16 for the kernels in every projection of two
-layers) against its unfused float32 forward.
+SwiGLU MLP's output (three products and silu·mul, each rounded to bf16), and < 2e-2 for the logits of the tiny
+model (float32 activations, rounded to bf16 for the kernels in every projection of two layers) against its unfused
+float32 forward.
 """
 
 import pytest
