@@ -179,12 +179,12 @@ def finetune(
         verify(src)
     except ExportError as e:
         raise FinetuneError(str(e)) from None
-    qc = json.loads((src / "config.json").read_text())["quantization_config"]
-    if SECTION in qc:
+    config = json.loads((src / "config.json").read_text())
+    if SECTION in config["quantization_config"]:
         raise FinetuneError(f"{src} is already fine-tuned; start from the export caldera export wrote")
     start = time.perf_counter()
     teacher = load_any(original, device, torch.float32).requires_grad_(False)
-    if teacher.config.vocab_size != json.loads((src / "config.json").read_text())["vocab_size"]:
+    if teacher.config.vocab_size != config["vocab_size"]:
         raise FinetuneError(f"{original} and {src} have different vocabularies: not the same model")
     student = load(src, device=device, verify=False)
     swapped = make_trainable(student, norms=cfg.norms)
