@@ -3,9 +3,10 @@
 For each projection shape, random packed layers (BQ=2, BL=BR=4, rank 256, groups of 64, no incoherence: the
 transforms are the same for every impl and stay out of the timing) are generated in place. Per (shape, impl):
 
-    median_us   median time of one call; on a GPU between device events, each sample covering one call per
-                weight set (several sets, so that L2 holds none of them), every impl replayed as a captured
-                device graph (launch overhead excluded); on a CPU by perf_counter
+    median_us   median time of one call; on a GPU between device events, each sample one replay of a captured
+                device graph that calls the impl once per weight set (several sets, so that L2 holds none of
+                them; no host work or launch gaps between the calls), divided by the sets; on a CPU by
+                perf_counter around a call on each of two sets
     gbps        bytes the impl must read (packed parts, or the dense weight) + activations, over median_us
     rel_err     ||y - y_ref|| / ||y_ref|| against the dense dequantized weight in float64 on the same inputs
 
@@ -106,9 +107,11 @@ class BenchRow:
 
 @dataclass
 class Case:
-    """One impl on one weight set: a timed call, its output (for the error) and the bytes it must read."""
+    """One impl on every weight set: a timed call (one product per set), the first set's output (for the error),
+    and the bytes one product must read."""
 
     call: Callable[[], object]
+    sets: int
     output: Callable[[], torch.Tensor]
     nbytes: int
     on_max_queue: bool  # timed with events on MAX's queue rather than torch's stream
@@ -148,7 +151,7 @@ def _time_once(fn: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - t0) * 1e6
 
 
-def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
+def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
     """A torch computation captured as a CUDA graph (after a warm-up call), replayed by the returned call."""
     fn()
     graph = torch.cuda.CUDAGraph()
@@ -157,62 +160,61 @@ def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
     return graph.replay
 
 
-def _max_call(mg, x, inputs, spec, impl: str) -> Callable[[], object]:
-    """The replay of a captured device graph of the op, or eager execution if MAX cannot capture it."""
+def _max_call(mg, x, layers, spec, impl: str) -> Callable[[], object]:
+    """The replay of a captured device graph of the op on every layer, or eager execution if MAX cannot capture it."""
     try:
-        return mg.captured(x, inputs, spec, impl)
+        return mg.captured(x, layers, spec, impl)
     except RuntimeError as e:
         EAGER[impl] = str(e).splitlines()[0]
-        return lambda: mg.transformed_matmul(x, inputs, spec, (impl,))
+        return lambda: [mg.transformed_matmul(x, inputs, spec, (impl,)) for inputs in layers]
 
 
 EAGER: dict[str, str] = {}
 """impl -> why MAX could not capture it as a device graph (it then runs eagerly; said under the tables)."""
 
 
-def _cases(impl: str, modules: list[CompressedLinear], x: torch.Tensor, cfg: BenchConfig) -> list[Case]:
-    """One Case per weight set for ``impl``."""
+def _case(impl: str, modules: list[CompressedLinear], x: torch.Tensor, cfg: BenchConfig) -> Case:
+    """``impl`` on every module of ``modules``, as one call."""
     gpu = cfg.device == "cuda"
     act = x.nbytes + x.shape[0] * modules[0].out_features * x.element_size()
-    cases = []
-    for m in modules:
-        if impl in ("fused", "two_stage"):
-            from caldera.runtime import max_graph as mg
+    if impl in ("fused", "two_stage"):
+        from caldera.runtime import max_graph as mg
 
-            inputs, spec = mg.KernelInputs.of(m, fuse_bias=False), mg.KernelSpec.of(m, cfg.device)
-            run = lambda i=inputs, s=spec: mg.transformed_matmul(x, i, s, (impl,))[0]  # noqa: E731
-            call = _max_call(mg, x, inputs, spec, impl) if gpu else run
-            nbytes, on_max = m.nbytes(), gpu
-        elif impl == "unfused_torch":
-            run = lambda m=m: m(x)  # noqa: E731
-            call, nbytes, on_max = (_graphed(run) if gpu else run), m.nbytes(), False
-        else:  # dense fp16 through cuBLAS; float32 on the CPU, which has no fast fp16 GEMM
-            w = m.transformed_weight(torch.float16 if gpu else torch.float32)
-            xd = x.to(w.dtype)
-            run = lambda w=w, xd=xd: torch.nn.functional.linear(xd, w)  # noqa: E731
-            call, nbytes, on_max = (_graphed(run) if gpu else run), w.nbytes, False
-        cases.append(Case(call, run, nbytes + act, on_max))
-    return cases
+        layers = [mg.KernelInputs.of(m, fuse_bias=False) for m in modules]
+        spec = mg.KernelSpec.of(modules[0], cfg.device)
+        output = lambda: mg.transformed_matmul(x, layers[0], spec, (impl,))[0]  # noqa: E731
+        runs = [lambda i=inputs: mg.transformed_matmul(x, i, spec, (impl,)) for inputs in layers]
+        call = _max_call(mg, x, layers, spec, impl) if gpu else lambda: [run() for run in runs]
+        return Case(call, len(modules), output, modules[0].nbytes() + act, gpu)
+    if impl == "unfused_torch":
+        runs = [lambda m=m: m(x) for m in modules]
+        nbytes = modules[0].nbytes()
+    else:  # dense fp16 through cuBLAS; float32 on the CPU, which has no fast fp16 GEMM
+        weights = [m.transformed_weight(torch.float16 if gpu else torch.float32) for m in modules]
+        xd = x.to(weights[0].dtype)
+        runs = [lambda w=w: torch.nn.functional.linear(xd, w) for w in weights]
+        nbytes = weights[0].nbytes
+    chain = lambda: [run() for run in runs]  # noqa: E731
+    return Case(_graphed(chain) if gpu else chain, len(modules), runs[0], nbytes + act, False)
 
 
-def _median_us(cases: list[Case], cfg: BenchConfig) -> float:
-    """Median microseconds per call, rotating through the weight sets (warm-up first)."""
-    for case in cases * 2 if cfg.device == "cuda" else cases[:1]:
-        case.call()
+def _median_us(case: Case, cfg: BenchConfig) -> float:
+    """Median microseconds per product (warm-up first)."""
+    case.call()
     if cfg.device == "cuda":
+        case.call()
         torch.cuda.synchronize()
-        rotation = lambda: [case.call() for case in cases]  # noqa: E731
-        if cases[0].on_max_queue:
+        if case.on_max_queue:
             from caldera.runtime.max_graph import time_on_queue
 
-            timer = lambda: time_on_queue(rotation)  # noqa: E731
+            timer = lambda: time_on_queue(case.call)  # noqa: E731
         else:
-            timer = lambda: _time_once(rotation, "cuda")  # noqa: E731
-        samples = [timer() / len(cases) for _ in range(cfg.iters)]
+            timer = lambda: _time_once(case.call, "cuda")  # noqa: E731
+        samples = [timer() / case.sets for _ in range(cfg.iters)]
     else:
         samples, start = [], time.perf_counter()
         while len(samples) < 3 or time.perf_counter() - start < cfg.cpu_seconds:
-            samples.append(_time_once(cases[len(samples) % len(cases)].call, "cpu"))
+            samples.append(_time_once(case.call, "cpu") / case.sets)
     return statistics.median(samples)
 
 
@@ -253,11 +255,11 @@ def bench_shape(shape: tuple[int, int], cfg: BenchConfig, copy: float) -> list[B
     modules += [layer(cfg.seed + j) for j in range(1, max(counts.values()))]
     rows = []
     for impl in cfg.impls:
-        cases = _cases(impl, modules[: counts[impl]], x, cfg)
-        y = cases[0].output()
+        case = _case(impl, modules[: counts[impl]], x, cfg)
+        y = case.output()
         rel = ((y.double() - reference).norm() / reference.norm()).item()
-        us = _median_us(cases, cfg)
-        gbps = cases[0].nbytes / us / 1e3
+        us = _median_us(case, cfg)
+        gbps = case.nbytes / us / 1e3
         dtype = "fp16" if impl == "dense" and gpu else str(x.dtype).removeprefix("torch.")
         timing = ("eager" if impl in EAGER else "device graph") if gpu else "perf_counter"
         rows.append(
@@ -265,7 +267,7 @@ def bench_shape(shape: tuple[int, int], cfg: BenchConfig, copy: float) -> list[B
                 [out_f, in_f], cfg.seq, impl, device_name(cfg.device), us, gbps, 100 * gbps / copy, rel, dtype, timing
             )
         )
-        del cases
+        del case
         if gpu:
             torch.cuda.empty_cache()
     return rows

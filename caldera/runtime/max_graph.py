@@ -192,24 +192,33 @@ def linear_op(impl: Impl, spec: KernelSpec, ref: DeviceRef, x: TensorValue, inpu
     return ops.custom("caldera_qlr_apply", ref, values, [y_type], spec.parameters("q", "l"))[0].tensor
 
 
-def build_graph(impls: tuple[Impl, ...], spec: KernelSpec, dtype: DType, device: driver.Device) -> Graph:
-    """One layer's transformed-domain product: inputs (x (s, n), *KernelInputs.args()) -> y (s, m) per impl.
+def build_graph(impls: tuple[Impl, ...], spec: KernelSpec, dtype: DType, device: driver.Device, sets: int = 1) -> Graph:
+    """Layers' transformed-domain products: inputs (x (s, n), then KernelInputs.args() of each of ``sets`` layers)
+    -> y (s, m) per layer and impl (layer-major).
 
     Several impls in one graph share one compilation (tests, the GPU compile check); the runtime uses one each.
+    Several layers on one x run back to back (the benchmark times them as one captured graph).
     """
     ref = DeviceRef.from_device(device)
-    types = [TensorType(dtype, ["s", "n"], device=ref), *kernel_input_types(ref)]
-    name = f"caldera_{'_'.join(impls)}_{spec.key()}"
+    prefixes = [""] if sets == 1 else [f"w{i}_" for i in range(sets)]
+    types = [TensorType(dtype, ["s", "n"], device=ref)]
+    for prefix in prefixes:
+        types += kernel_input_types(ref, prefix)
+    name = f"caldera_{'_'.join(impls)}_{spec.key()}" + (f"_x{sets}" if sets > 1 else "")
+    per = len(KERNEL_INPUT_DIMS) + 1
     with Graph(name, input_types=types, custom_extensions=[kernel_package()]) as g:
-        x, inputs = g.inputs[0].tensor, list(g.inputs[1:])
-        g.output(*(linear_op(impl, spec, ref, x, inputs) for impl in impls))
+        x = g.inputs[0].tensor
+        layers = [list(g.inputs[1 + i * per : 1 + (i + 1) * per]) for i in range(sets)]
+        g.output(*(linear_op(impl, spec, ref, x, inputs) for inputs in layers for impl in impls))
     return g
 
 
 @cache
-def compiled(impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtype, device: driver.Device) -> Model:
+def compiled(
+    impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtype, device: driver.Device, sets: int = 1
+) -> Model:
     """``build_graph`` compiled, once per process (tens of seconds cold, a few from MAX's disk cache)."""
-    return session(device).load(build_graph(impls, spec, DTYPES[dtype], device))
+    return session(device).load(build_graph(impls, spec, DTYPES[dtype], device, sets))
 
 
 def compile_for_gpu(impls: tuple[Impl, ...], spec: KernelSpec, dtype: torch.dtype, target: str, out: Path) -> None:
@@ -293,14 +302,16 @@ def transformed_matmul(
     return tuple(torch.from_dlpack(out).to(x.dtype) for out in outs)
 
 
-def captured(x: torch.Tensor, inputs: KernelInputs, spec: KernelSpec, impl: Impl) -> Callable[[], None]:
-    """One impl on fixed CUDA buffers captured as a device graph (MAX's Model.capture); returns its replay.
+def captured(x: torch.Tensor, layers: list[KernelInputs], spec: KernelSpec, impl: Impl) -> Callable[[], None]:
+    """One impl on fixed CUDA buffers, every layer of ``layers`` in turn, captured as one device graph (MAX's
+    Model.capture); returns its replay.
 
-    Replays run on MAX's queue and rewrite the same output buffer; used to time kernels without launch overhead.
+    Replays run on MAX's queue and rewrite the same output buffers; used to time kernels without launch gaps.
     """
     device = max_device("gpu", x.device.index or 0)
-    model = compiled((impl,), spec, x.dtype, device)
-    buffers = [driver.Buffer.from_dlpack(t) for t in (x.contiguous(), *inputs.args())]
+    model = compiled((impl,), spec, x.dtype, device, len(layers))
+    tensors = [x.contiguous()] + [t for inputs in layers for t in inputs.args()]
+    buffers = [driver.Buffer.from_dlpack(t) for t in tensors]
     key = next(_capture_keys)
     with Ordered(device, x.device):
         model.capture(key, *buffers)
