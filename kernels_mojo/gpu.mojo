@@ -297,6 +297,154 @@ def segment(nsteps: Int, parts: Int, i: Int) -> Tuple[Int, Int]:
 
 
 @always_inline
+def load_word(row: Pointer[UInt8, _], byte0: Int, row_bytes: Int, valid: Bool, aligned: Bool) -> UInt32:
+    """Bytes [byte0, byte0 + 4) of a packed row as one word; zeros past the row's end or for a missing row."""
+    if not valid or byte0 >= row_bytes:
+        return 0
+    if aligned and byte0 + 4 <= row_bytes:
+        return bitcast[DType.uint32, 1](row.unsafe_load[width=4, alignment=4](byte0))[0]
+    return load_word_edge(row, byte0, row_bytes)
+
+
+@no_inline
+def load_word_edge(row: Pointer[UInt8, _], byte0: Int, row_bytes: Int) -> UInt32:
+    """`load_word` for an unaligned row or the row's last bytes, byte by byte (out of line)."""
+    var v = SIMD[DType.uint8, 4](0)
+    comptime for i in range(4):
+        if byte0 + i < row_bytes:
+            v[i] = row[unsafe_offset=byte0 + i]
+    return bitcast[DType.uint32, 1](v)[0]
+
+
+@always_inline
+def raw_pair[bits: Int, dtype: DType](word: UInt32, j: Int) -> SIMD[dtype, 2]:
+    """Columns (j, j + 16/bits) of a word of codes as 2^e + code (exact): 128 + c (bf16) or 1024 + c (fp16)."""
+    comptime mask = UInt32((1 << bits) - 1) * 0x10001
+    comptime magic = UInt32(0x43004300) if dtype == DType.bfloat16 else UInt32(0x64006400)
+    return half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)
+
+
+@always_inline
+def decode_codes[
+    bits: Int, group: Int
+](data: Pointer[UInt8, _], scales: Pointer[Float16, _], ra: Int, nrows: Int, ncols: Int, step: Int) -> Tuple[
+    SIMD[DType.uint32, 8], SIMD[DType.float32, 8]
+]:
+    """Decode, 2- or 4-bit codes: word q of each of K step `step`'s 4 chunks in rows ra (lanes 0-3 of the result)
+    and ra + 8 (4-7), and the chunks' scales (zero for a missing row or chunk).
+
+    A step inside the row on aligned rows takes 8 word loads and 8 scale loads with no branches, so they are all in
+    flight at once; other steps go word by word (`load_word`).
+    """
+    comptime chunk = chunk_cols[bits]()
+    var q = Int(lane_id()) % 4
+    var row_bytes = ceildiv(ncols * bits, 8)
+    var groups = ceildiv(ncols, group)
+    comptime cpg = group // chunk  # chunks per group (a power of two)
+    var first_group = step * (4 // cpg) if cpg <= 4 else step // (cpg // 4)  # the step's first chunk's group
+    if (4 * step + 4) * chunk <= ncols and row_bytes % 4 == 0:  # warp-uniform
+        var words = SIMD[DType.uint32, 8](0)
+        var sc = SIMD[DType.float32, 8](0)
+        comptime for r in range(2):
+            var row = ra + 8 * r
+            var safe = min(row, nrows - 1)  # a missing row reads the last one; its scales become zero
+            var p = data.unsafe_offset(safe * row_bytes + step * 64 + 4 * q)  # a step is 64 bytes of a row
+            var sp = scales.unsafe_offset(safe * groups + first_group)
+            comptime for j in range(4):
+                words[4 * r + j] = bitcast[DType.uint32, 1](p.unsafe_load[width=4, alignment=4](16 * j))[0]
+                var scale = sp[unsafe_offset = j // cpg if cpg <= 4 else 0].cast[DType.float32]()
+                sc[4 * r + j] = scale if row < nrows else Float32(0)
+        return (words, sc)
+    return decode_codes_edge[bits, group](data, scales, ra, nrows, ncols, step)
+
+
+@no_inline
+def decode_codes_edge[
+    bits: Int, group: Int
+](data: Pointer[UInt8, _], scales: Pointer[Float16, _], ra: Int, nrows: Int, ncols: Int, step: Int) -> Tuple[
+    SIMD[DType.uint32, 8], SIMD[DType.float32, 8]
+]:
+    """`decode_codes` for the row's last step or unaligned rows, word by word (out of line)."""
+    comptime chunk = chunk_cols[bits]()
+    var q = Int(lane_id()) % 4
+    var row_bytes = ceildiv(ncols * bits, 8)
+    var groups = ceildiv(ncols, group)
+    var words = SIMD[DType.uint32, 8](0)
+    var sc = SIMD[DType.float32, 8](0)
+    comptime for r in range(2):
+        var row = ra + 8 * r
+        var p = data.unsafe_offset(row * row_bytes)
+        comptime for j in range(4):
+            var col0 = (4 * step + j) * chunk
+            words[4 * r + j] = load_word(p, col0 * bits // 8 + 4 * q, row_bytes, row < nrows, row_bytes % 4 == 0)
+            if row < nrows and col0 < ncols:
+                sc[4 * r + j] = scales[unsafe_offset=row * groups + col0 // group].cast[DType.float32]()
+    return (words, sc)
+
+
+@always_inline
+def decode_step[
+    bits: Int, dtype: DType, b_src: Int
+](
+    mut acc: SIMD[DType.float32, 4],
+    words: SIMD[DType.uint32, 8],
+    sc: SIMD[DType.float32, 8],
+    ncols: Int,
+    step: Int,
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+):
+    """Decode, 2- or 4-bit codes: acc += W[rows g, g + 8; K step `step`] · B[tokens 0 … 7]ᵀ (`decode_codes` parts).
+
+    The quad's four lanes hold word q of the same chunk, so each chunk's mmas stay inside one quantization group:
+    they multiply the raw values 2^e + c (no per-weight arithmetic past the extraction), an mma with an all-ones A
+    gives Σx over the chunk's columns, and acc += scale·(Σ(2^e + c)x − (2^e + offset)·Σx).
+    """
+    comptime chunk = chunk_cols[bits]()  # 64 or 32 columns, inside one group
+    comptime mmas = chunk // 16  # per chunk: 4 or 2 (two per 16/bits columns of a word)
+    comptime base = Float32(128.0) if dtype == DType.bfloat16 else Float32(1024.0)
+    comptime offset = Float32((1 << bits) - 1) / 2
+    var lane = Int(lane_id())
+    var q, token = lane % 4, lane // 4
+    var ones = SIMD[dtype, 8](1)
+    # a whole step of x on 16-byte aligned rows: plain loads from the token's row (a token past s reads row s - 1:
+    # its products land only in outputs that are never written)
+    var fast = b_src == B_X and (4 * step + 4) * chunk <= ncols and ncols % 8 == 0  # warp-uniform
+    var xr = x.unsafe_offset(min(token, s - 1) * ncols)
+    comptime for j in range(4):
+        var col = (4 * step + j) * chunk + q * (chunk // 4)
+        var n0: SIMD[DType.uint32, 4]
+        var n1 = SIMD[DType.uint32, 4](0)
+        if fast:
+            n0 = bitcast[DType.uint32, 4](xr.unsafe_load[width=8, alignment=16](col))
+            comptime if chunk == 64:
+                n1 = bitcast[DType.uint32, 4](xr.unsafe_load[width=8, alignment=16](col + 8))
+        else:
+            comptime if b_src == B_T:
+                n0 = load_t8[dtype](t_parts, token, col, s, ncols)
+                comptime if chunk == 64:
+                    n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
+            else:
+                n0 = load_x8[dtype](x, token, col, s, ncols, ncols % 8 == 0)
+                comptime if chunk == 64:
+                    n1 = load_x8[dtype](x, token, col + 8, s, ncols, ncols % 8 == 0)
+        var nat = n0.join(n1)
+        var wa, wb = words[j], words[4 + j]
+        var tmp = SIMD[DType.float32, 4](0)
+        var tx = SIMD[DType.float32, 4](0)
+        comptime for h in range(mmas):
+            var a = (raw_pair[bits, dtype](wa, 2 * h).join(raw_pair[bits, dtype](wb, 2 * h))).join(
+                raw_pair[bits, dtype](wa, 2 * h + 1).join(raw_pair[bits, dtype](wb, 2 * h + 1))
+            )
+            var b = bitcast[dtype, 4](b_words[bits](nat, h))
+            mma(tmp, a, b, tmp)
+            mma(tx, ones, b, tx)
+        var scale = SIMD[DType.float32, 4](sc[j], sc[j], sc[4 + j], sc[4 + j])
+        acc += scale * (tmp - (base + offset) * tx)
+
+
+@always_inline
 def decode_warp[
     bits: Int, group: Int, dtype: DType, b_src: Int
 ](
@@ -316,10 +464,16 @@ def decode_warp[
     """Decode: acc += W[row0 : row0 + 16, K steps step0, step0 + stride, …] · B[0 : 8]ᵀ (B from global memory)."""
     comptime cols = step_cols[bits]()
     var q, ra = Int(lane_id()) % 4, row0 + Int(lane_id()) // 4
-    for step in range(step0, ceildiv(ncols, cols), stride):
-        var col0 = step * cols + q * chunk_cols[bits]()
-        var c = load_step[bits, group](data, scales, ra, nrows, ncols, col0)
-        mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
+    var nsteps = ceildiv(ncols, cols)
+    comptime if bits == 16:
+        for step in range(step0, nsteps, stride):
+            var col0 = step * cols + q * chunk_cols[bits]()
+            var c = load_step[bits, group](data, scales, ra, nrows, ncols, col0)
+            mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
+    else:
+        for step in range(step0, nsteps, stride):
+            var c = decode_codes[bits, group](data, scales, ra, nrows, ncols, step)
+            decode_step[bits, dtype, b_src](acc, c[0], c[1], ncols, step, x, t_parts, s)
 
 
 @always_inline
@@ -635,12 +789,12 @@ def one_launch(s: Int, m: Int, n: Int, k: Int) -> Bool:
 
     Chosen by measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster on every
     shape at s = 128 and, at decode, where the stage-2 blocks are few (m = 1024: 64 blocks, the stage-1 blocks use
-    otherwise idle SMs) or long (n > m: the wait for t comes after a long Q loop); two launches were faster at
-    decode on 8192×8192 and 29568×8192.
+    otherwise idle SMs); two launches were faster at decode everywhere else (the one-launch kernel holds both
+    stages' registers, 138 against 106, so one block per SM instead of two).
     """
     if s > SMALL_S or k == 0:
         return True
-    return apply_blocks(s, m) < 2 * SMS or n > m
+    return apply_blocks(s, m) < 2 * SMS
 
 
 def launch_fused[

@@ -87,8 +87,9 @@ def _check_part(name: str, part: PackedMatrix, gpu: bool) -> None:
     if part.bits not in allowed or (name == "q" and part.bits == 16):
         raise Unsupported(f"{name}: {part.bits}-bit codes are not supported by the {'GPU' if gpu else 'CPU'} kernels")
     chunk = 128 // part.bits  # columns of one thread's 16-byte load on the GPU; it must not straddle groups
-    if gpu and part.bits < 16 and part.group_size % chunk:
-        raise Unsupported(f"{name}: group size {part.group_size} is not a multiple of {chunk} (GPU kernels)")
+    per = part.group_size // chunk  # chunks per group: a power of two on the GPU
+    if gpu and part.bits < 16 and (part.group_size % chunk or per & (per - 1)):
+        raise Unsupported(f"{name}: group size {part.group_size} is not {chunk} times a power of two (GPU kernels)")
 
 
 @dataclass

@@ -82,6 +82,11 @@ def test_unsupported_layers_fall_back_to_pytorch():
     tensors, meta = random_packed_linear(64, 96, rank=8, bq=3, seed=16)
     with pytest.raises(mg.Unsupported, match="3-bit codes"):
         mg.KernelSpec.of(CompressedLinear(tensors, "linear", meta))
+    tensors, meta = random_packed_linear(64, 384, group_size=192, seed=17)  # 3 chunks of 64 columns per group
+    module = CompressedLinear(tensors, "linear", meta)
+    assert mg.KernelSpec.of(module).gq == 192  # the CPU kernels take any group
+    with pytest.raises(mg.Unsupported, match="group size 192 is not 64 times a power of two"):
+        mg.KernelSpec.of(module, "cuda")
 
 
 @pytest.fixture(scope="module")

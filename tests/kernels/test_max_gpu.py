@@ -25,6 +25,8 @@ CASES = {
     "ragged-rank5": (72, 100, {"rank": 5}, torch.bfloat16),
     "rank0-bias": (96, 80, {"rank": 0, "bias": True, "incoherence": False}, torch.bfloat16),
     "fp16-factors-fp16": (80, 96, {"rank": 8, "bl": 16, "br": 16}, torch.float16),
+    "q4-groups128-fp16": (48, 416, {"rank": 12, "bq": 4, "group_size": 128, "incoherence": False}, torch.float16),
+    "q2-lr2-bf16": (40, 320, {"rank": 20, "bl": 2, "br": 2}, torch.bfloat16),
 }
 ROWS = (1, 5, 9, 130)  # decode, split-K launch; wide launch with one and three token passes
 
