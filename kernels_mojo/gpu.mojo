@@ -25,6 +25,8 @@ from std.atomic import Atomic, Ordering, fence
 from std.memory import AddressSpace, bitcast, stack_allocation
 
 from max.gpu import barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
+from max.gpu.memory import async_copy, async_copy_commit_group, async_copy_wait_group
+from max.gpu.sync import syncwarp
 from max.gpu.compute.mma import mma
 from max.gpu.host import DeviceContext
 
@@ -40,6 +42,14 @@ comptime X_WORDS = 32 * 256
 """Wide launch: 32-bit words of one staged activation step (64 tokens × 256 columns of 16-bit values)."""
 comptime SMS = 132
 """Streaming multiprocessors of the H100 SXM the launch rule was measured on (`one_launch`)."""
+comptime RING = 4
+"""Decode: K steps of codes (and their scales) in flight per warp, copied into shared memory (cp.async)."""
+comptime RING_ROW = 20
+"""Words of one row's slot: 64 code bytes padded to 80, so a warp's word reads hit 32 distinct banks."""
+comptime RING_WORDS = RING * 16 * (RING_ROW + 2)
+"""Shared words of one warp's ring: RING slots of 16 rows × (80 code bytes + 8 scale bytes)."""
+comptime DECODE_WORDS = WARPS * 128 + WARPS * RING_WORDS
+"""Decode launch's shared memory in words: the cross-warp sums, then each warp's ring."""
 comptime B_X = 0
 comptime B_T = 1
 comptime B_SHARED = 2
@@ -445,6 +455,104 @@ def decode_step[
 
 
 @always_inline
+def ring_fits[bits: Int, group: Int](nrows: Int, row0: Int, ncols: Int) -> Bool:
+    """Whether a decode tile takes the shared-memory ring: 16 whole rows of whole, 16-byte aligned steps, and
+    each step's scales of a row 4 or 8 bytes at an aligned offset."""
+    comptime chunk = chunk_cols[bits]()
+    comptime cpg = group // chunk
+    comptime sbytes = 2 * (4 // cpg) if cpg <= 4 else 0
+    var row_bytes = ceildiv(ncols * bits, 8)
+    var groups = ceildiv(ncols, group)
+    return sbytes >= 4 and row0 + 16 <= nrows and ncols % (4 * chunk) == 0 and (2 * groups) % sbytes == 0
+
+
+@always_inline
+def ring_issue[
+    bits: Int, group: Int
+](
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    row0: Int,
+    ncols: Int,
+    step: Int,
+    slot: Int,
+    ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+):
+    """Start copying K step `step` of rows row0 … row0 + 15 (codes and scales) into ring slot `slot`."""
+    comptime chunk = chunk_cols[bits]()
+    comptime cpg = group // chunk
+    comptime sbytes = 2 * (4 // cpg)
+    var row_bytes = ceildiv(ncols * bits, 8)
+    var groups = ceildiv(ncols, group)
+    var lane = Int(lane_id())
+    var g, q = lane // 4, lane % 4
+    var codes = ring.unsafe_bitcast[UInt8]()
+    var scale_words = ring.unsafe_offset(RING * 16 * RING_ROW)
+    comptime for r in range(2):
+        var row = row0 + g + 8 * r
+        var src = data.unsafe_offset(row * row_bytes + step * 64 + 16 * q)
+        async_copy[16](
+            src.address_space_cast[AddressSpace.GLOBAL](),
+            codes.unsafe_offset(((slot * 16 + g + 8 * r) * RING_ROW + 4 * q) * 4),
+        )
+        comptime if sbytes >= 4:  # (`ring_fits` takes no other tile)
+            if q == r:  # lanes 0 and 1 of the quad copy the scales of rows g and g + 8
+                var ssrc = scales.unsafe_offset(row * groups + step * (4 // cpg)).unsafe_bitcast[UInt8]()
+                async_copy[sbytes](
+                    ssrc.address_space_cast[AddressSpace.GLOBAL](),
+                    scale_words.unsafe_offset((slot * 16 + g + 8 * r) * 2).unsafe_bitcast[UInt8](),
+                )
+
+
+@always_inline
+def ring_warp[
+    bits: Int, group: Int, dtype: DType, b_src: Int
+](
+    mut acc: SIMD[DType.float32, 4],
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    row0: Int,
+    ncols: Int,
+    step0: Int,
+    stride: Int,
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+):
+    """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales reach shared memory by cp.async
+    RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in flight without holding registers."""
+    comptime chunk = chunk_cols[bits]()
+    comptime cpg = group // chunk
+    var nsteps = ceildiv(ncols, 4 * chunk)
+    var mine = ceildiv(nsteps - step0, stride) if step0 < nsteps else 0
+    var lane = Int(lane_id())
+    var g, q = lane // 4, lane % 4
+    var scale_halves = ring.unsafe_offset(RING * 16 * RING_ROW).unsafe_bitcast[Float16]()
+    syncwarp()  # the ring's previous reads (an earlier call) are done
+    comptime for i in range(RING - 1):
+        if i < mine:
+            ring_issue[bits, group](data, scales, row0, ncols, step0 + i * stride, i, ring)
+        async_copy_commit_group()
+    for i in range(mine):
+        syncwarp()  # every lane is done with the slot refilled next
+        if i + RING - 1 < mine:
+            ring_issue[bits, group](data, scales, row0, ncols, step0 + (i + RING - 1) * stride, (i + RING - 1) % RING, ring)
+        async_copy_commit_group()
+        async_copy_wait_group(RING - 1)  # step i's group is complete
+        syncwarp()
+        var slot = i % RING
+        var words = SIMD[DType.uint32, 8](0)
+        var sc = SIMD[DType.float32, 8](0)
+        comptime for r in range(2):
+            var base = (slot * 16 + g + 8 * r) * RING_ROW + q
+            comptime for j in range(4):
+                words[4 * r + j] = ring[base + 4 * j]
+                sc[4 * r + j] = scale_halves[(slot * 16 + g + 8 * r) * 4 + j // cpg].cast[DType.float32]()
+        decode_step[bits, dtype, b_src](acc, words, sc, ncols, step0 + i * stride, x, t_parts, s)
+
+
+@always_inline
 def decode_warp[
     bits: Int, group: Int, dtype: DType, b_src: Int
 ](
@@ -471,6 +579,10 @@ def decode_warp[
             var c = load_step[bits, group](data, scales, ra, nrows, ncols, col0)
             mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
     else:
+        if ring_fits[bits, group](nrows, row0, ncols):  # warp-uniform
+            var ring = xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * RING_WORDS)
+            ring_warp[bits, group, dtype, b_src](acc, data, scales, row0, ncols, step0, stride, x, t_parts, s, ring)
+            return
         for step in range(step0, nsteps, stride):
             var c = decode_codes[bits, group](data, scales, ra, nrows, ncols, step)
             decode_step[bits, dtype, b_src](acc, c[0], c[1], ncols, step, x, t_parts, s)
@@ -737,7 +849,7 @@ def launch_project[
 
     @__parameter
     def kernel[wide: Bool]():
-        var xs = stack_allocation[X_WORDS if wide else WARPS * 128, UInt32, address_space=AddressSpace.SHARED]()
+        var xs = stack_allocation[X_WORDS if wide else DECODE_WORDS, UInt32, address_space=AddressSpace.SHARED]()
         project_block[br, gr, wide](
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, s, n, k
         )
@@ -771,7 +883,7 @@ def launch_apply[
 
     @__parameter
     def kernel[wide: Bool]():
-        var xs = stack_allocation[X_WORDS if wide else WARPS * 128, UInt32, address_space=AddressSpace.SHARED]()
+        var xs = stack_allocation[X_WORDS if wide else DECODE_WORDS, UInt32, address_space=AddressSpace.SHARED]()
         apply_block[bq, gq, bl, gl, wide, False](
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, y, x, t_parts, q_codes, q_scales, l_data, l_scales,
             bias, s, m, n, k, has_bias, stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
@@ -839,7 +951,7 @@ def launch_fused[
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
     def kernel[wide: Bool](s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
-        var xs = stack_allocation[X_WORDS if wide else WARPS * 128, UInt32, address_space=AddressSpace.SHARED]()
+        var xs = stack_allocation[X_WORDS if wide else DECODE_WORDS, UInt32, address_space=AddressSpace.SHARED]()
         var red = xs.unsafe_bitcast[Float32]()
         var bid = Int(block_idx.x)
         var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
