@@ -17,6 +17,8 @@ from pathlib import Path
 from caldera.runtime import max_graph as mg
 out = Path(sys.argv[1])
 mg.compile_for_gpu(mg.IMPLS, mg.KernelSpec(), torch.bfloat16, "sm_90a", out / "bf16")
+# 4-bit Q in groups of 128 (4 chunks a group: no shared-memory ring), fp16 factors, fp16 activations
+mg.compile_for_gpu(mg.IMPLS, mg.KernelSpec(4, 128, 16, 1, 16, 1), torch.float16, "sm_90a", out / "fp16")
 print(sorted(p.suffix for p in out.rglob("*.mef")))
 """
 
@@ -24,7 +26,7 @@ print(sorted(p.suffix for p in out.rglob("*.mef")))
 def test_gpu_branch_compiles_for_sm90a(tmp_path):
     run = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.strip().endswith("['.mef']")
+    assert run.stdout.strip().endswith("['.mef', '.mef']")
 
 
 LAYER_PROBE = """
