@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU kernels' machine code without a GPU: compile the single-linear graph for sm_90a through MAX's virtual
 # device, cut the cubins out of the .mef, and print each kernel's registers and instruction mix (nvdisasm from the
-# nvidia-cuda-nvdisasm wheel: NVDISASM=path/to/nvdisasm). SASS files land in ${SASS_DIR:-/tmp/caldera-sass}.
+# nvidia-cuda-nvdisasm wheel: `pip download --no-deps nvidia-cuda-nvdisasm -d W && unzip W/*.whl -d W`, then
+# NVDISASM=W/nvidia/cu13/bin/nvdisasm). SASS files land in ${SASS_DIR:-/tmp/caldera-sass}.
 set -euo pipefail
 dir="${SASS_DIR:-/tmp/caldera-sass}"
 rm -rf "$dir" && mkdir -p "$dir"
