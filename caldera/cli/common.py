@@ -42,8 +42,9 @@ OverridesOpt = Annotated[
 ProtectOpt = Annotated[
     float,
     typer.Option(
-        help="Fraction of each linear's weights kept exactly (fp16 outliers beside Q, chosen by w² · H_jj), "
-        "e.g. 0.0001; 0: off."
+        help="Fraction of each linear's weights kept exactly (fp16 outliers beside Q, chosen by w² · H_jj); "
+        "0.0001 (0.01%) is the suggested value. Default 0 (off): at equal bits it helped at 2.94 bits per weight "
+        "and hurt at 3.82 on the default model (sweeps/results/protect.md)."
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
