@@ -139,3 +139,24 @@ def test_kept_weights_are_added_after_the_kernel(incoherence):
     x = torch.randn(7, 128, generator=torch.Generator().manual_seed(16))
     reference = doc_forward(tensors, "linear", meta, x)
     assert all(rel_err(y, reference) < 1e-5 for y in layer.outputs(x, mg.IMPLS))
+
+
+def test_one_graph_over_several_layers():
+    """`build_graph(..., sets=3)` (what the GPU benchmark captures): one x through three layers of different shapes,
+    each output equal to that layer's own graph and within 1e-5 of docs/FORMAT.md in float64."""
+    shapes = [(48, 128), (80, 128), (32, 128)]
+    layers, specs = [], set()
+    for i, (m, n) in enumerate(shapes):
+        tensors, meta = random_packed_linear(m, n, rank=8, incoherence=False, seed=30 + i)
+        module = CompressedLinear(tensors, "linear", meta)
+        layers.append((tensors, meta, mg.KernelInputs.of(module, fuse_bias=True)))
+        specs.add(mg.KernelSpec.of(module))
+    (spec,) = specs
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(33))
+    model = mg.compiled(("fused",), spec, torch.float32, mg.max_device("cpu"), 3)
+    outs = model.execute(x, *[t for _, _, inputs in layers for t in inputs.args()])
+    for (tensors, meta, inputs), out, (m, _) in zip(layers, outs, shapes, strict=True):
+        y = torch.from_dlpack(out)
+        assert y.shape == (5, m)
+        assert torch.equal(y, mg.transformed_matmul(x, inputs, spec, ("fused",))[0])
+        assert rel_err(y, doc_forward(tensors, "linear", meta, x.double())) < 1e-5
