@@ -187,13 +187,14 @@ def decompose(w: torch.Tensor, h: torch.Tensor | None, cfg: DecomposeConfig) -> 
 def _restore_outliers(dec: Decomposition, w: torch.Tensor, protected: torch.Tensor, hf: torch.Tensor) -> None:
     """Set ``dec.outliers`` so that Ŵ = W at ``protected``, and its errors to those of the final Ŵ against w."""
     m, n = w.shape
-    rest = dec.dense().reshape(-1)[protected]
-    dec.outliers = Outliers(protected.int(), (w.view(-1)[protected] - rest).half())
+    base = dec.dense()  # Ŵ₀, before the outliers are set
+    dec.outliers = Outliers(protected.int(), (w.view(-1)[protected] - base.reshape(-1)[protected]).half())
+    kept = dec.outliers.dense((m, n))
     if dec.u_in is None:
-        target, approx = w, dec.dense()
+        target, approx = w, base + kept
     else:  # errors in the transformed domain, where hf lives: the outliers' share transformed as well
         target = transform_weight(w, dec.u_out, dec.u_in)
-        approx = dec.transformed() + transform_weight(dec.outliers.dense((m, n)), dec.u_out, dec.u_in)
+        approx = dec.transformed() + transform_weight(kept, dec.u_out, dec.u_in)
     dec.act_err, dec.fro_err = act_err(target, approx, hf), fro_err(target, approx)
 
 
