@@ -69,6 +69,26 @@ def step_cols[bits: Int]() -> Int:
 
 
 @always_inline
+def chunks_per_group[bits: Int, group: Int]() -> Int:
+    """16-byte chunks in one quantization group (a power of two on the GPU: `max_graph._check_part`)."""
+    return group // chunk_cols[bits]()
+
+
+@always_inline
+def step_scale_bytes[bits: Int, group: Int]() -> Int:
+    """Bytes of one row's scales for one K step (4 chunks): 8, 4 or 2; 0 when a group spans several steps."""
+    comptime cpg = chunks_per_group[bits, group]()
+    return 2 * (4 // cpg) if cpg <= 4 else 0
+
+
+@always_inline
+def step_group[bits: Int, group: Int](step: Int) -> Int:
+    """The group of K step `step`'s first chunk."""
+    comptime cpg = chunks_per_group[bits, group]()
+    return step * (4 // cpg) if cpg <= 4 else step // (cpg // 4)
+
+
+@always_inline
 def load16(row: Pointer[UInt8, _], byte0: Int, row_bytes: Int, valid: Bool, aligned: Bool) -> SIMD[DType.uint32, 4]:
     """Bytes [byte0, byte0 + 16) of a packed row as 4 words; zeros past the row's end or for a missing row."""
     if not valid or byte0 >= row_bytes:
@@ -350,8 +370,7 @@ def decode_codes[
     var q = Int(lane_id()) % 4
     var row_bytes = ceildiv(ncols * bits, 8)
     var groups = ceildiv(ncols, group)
-    comptime cpg = group // chunk  # chunks per group (a power of two)
-    var first_group = step * (4 // cpg) if cpg <= 4 else step // (cpg // 4)  # the step's first chunk's group
+    comptime cpg = chunks_per_group[bits, group]()
     if (4 * step + 4) * chunk <= ncols and row_bytes % 4 == 0:  # warp-uniform
         var words = SIMD[DType.uint32, 8](0)
         var sc = SIMD[DType.float32, 8](0)
@@ -359,7 +378,7 @@ def decode_codes[
             var row = ra + 8 * r
             var safe = min(row, nrows - 1)  # a missing row reads the last one; its scales become zero
             var p = data.unsafe_offset(safe * row_bytes + step * 64 + 4 * q)  # a step is 64 bytes of a row
-            var sp = scales.unsafe_offset(safe * groups + first_group)
+            var sp = scales.unsafe_offset(safe * groups + step_group[bits, group](step))
             comptime for j in range(4):
                 words[4 * r + j] = bitcast[DType.uint32, 1](p.unsafe_load[width=4, alignment=4](16 * j))[0]
                 var scale = sp[unsafe_offset = j // cpg if cpg <= 4 else 0].cast[DType.float32]()
@@ -458,12 +477,9 @@ def decode_step[
 def ring_fits[bits: Int, group: Int](nrows: Int, row0: Int, ncols: Int) -> Bool:
     """Whether a decode tile takes the shared-memory ring: 16 whole rows of whole, 16-byte aligned steps, and
     each step's scales of a row 4 or 8 bytes at an aligned offset."""
-    comptime chunk = chunk_cols[bits]()
-    comptime cpg = group // chunk
-    comptime sbytes = 2 * (4 // cpg) if cpg <= 4 else 0
-    var row_bytes = ceildiv(ncols * bits, 8)
+    comptime sbytes = step_scale_bytes[bits, group]()
     var groups = ceildiv(ncols, group)
-    return sbytes >= 4 and row0 + 16 <= nrows and ncols % (4 * chunk) == 0 and (2 * groups) % sbytes == 0
+    return sbytes >= 4 and row0 + 16 <= nrows and ncols % step_cols[bits]() == 0 and (2 * groups) % sbytes == 0
 
 
 @always_inline
@@ -479,9 +495,7 @@ def ring_issue[
     ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
     """Start copying K step `step` of rows row0 … row0 + 15 (codes and scales) into ring slot `slot`."""
-    comptime chunk = chunk_cols[bits]()
-    comptime cpg = group // chunk
-    comptime sbytes = 2 * (4 // cpg)
+    comptime sbytes = step_scale_bytes[bits, group]()
     var row_bytes = ceildiv(ncols * bits, 8)
     var groups = ceildiv(ncols, group)
     var lane = Int(lane_id())
@@ -497,7 +511,7 @@ def ring_issue[
         )
         comptime if sbytes >= 4:  # (`ring_fits` takes no other tile)
             if q == r:  # lanes 0 and 1 of the quad copy the scales of rows g and g + 8
-                var ssrc = scales.unsafe_offset(row * groups + step * (4 // cpg)).unsafe_bitcast[UInt8]()
+                var ssrc = scales.unsafe_offset(row * groups + step_group[bits, group](step)).unsafe_bitcast[UInt8]()
                 async_copy[sbytes](
                     ssrc.address_space_cast[AddressSpace.GLOBAL](),
                     scale_words.unsafe_offset((slot * 16 + g + 8 * r) * 2).unsafe_bitcast[UInt8](),
@@ -522,9 +536,8 @@ def ring_warp[
 ):
     """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales reach shared memory by cp.async
     RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in flight without holding registers."""
-    comptime chunk = chunk_cols[bits]()
-    comptime cpg = group // chunk
-    var nsteps = ceildiv(ncols, 4 * chunk)
+    comptime cpg = chunks_per_group[bits, group]()
+    var nsteps = ceildiv(ncols, step_cols[bits]())
     var mine = ceildiv(nsteps - step0, stride) if step0 < nsteps else 0
     var lane = Int(lane_id())
     var g, q = lane // 4, lane % 4
