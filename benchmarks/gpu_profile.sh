@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Nsight Compute readings of the MAX kernels and cuBLAS at the Qwen2-72B shapes (GPU host, MAX installed):
 # per kernel launch its duration, DRAM bytes, registers, grid and achieved occupancy. Writes $OUT/ncu-*.csv and
-# prints one line per kernel launch of the last call of each case.
+# prints one line per kernel launch of the last call of each case, with tensor-pipe and issue utilization and the
+# warp stall reasons (warps stalled per issued instruction).
 set -uo pipefail
 out="${OUT:-/tmp}"
 metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
 metrics+=,launch__registers_per_thread,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active
 metrics+=,launch__occupancy_limit_registers,smsp__inst_executed.sum
+metrics+=,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
+metrics+=,smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum
+for stall in long_scoreboard short_scoreboard barrier mio_throttle math_pipe_throttle wait not_selected lg_throttle \
+  dispatch_stall no_instruction selected; do
+  metrics+=,smsp__average_warps_issue_stalled_${stall}_per_issue_active.ratio
+done
 for case in "${@:-8192 8192 1 fused}"; do
   set -- $case
   name="ncu-$1x$2-s$3-$4"
@@ -24,6 +31,7 @@ for r in body:
 ids = sorted(kern, key=int)
 for i in ids[-4:]:
     k = kern[i]
-    print(i, k["name"], {m.split("__")[1][:28]: v for m, v in k.items() if m != "name"})
+    short = lambda m: m.split("__")[1].replace("average_warps_issue_stalled_", "stall_").split("_per_issue")[0][:32]
+    print(i, k["name"], {short(m): v for m, v in k.items() if m != "name"})
 PY
 done

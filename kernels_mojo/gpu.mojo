@@ -10,8 +10,9 @@ The weights are read as docs/FORMAT.md stores them. K steps cover 4 chunks (256 
 16).
 
 Launch shapes:
-    s ≤ SMALL_S (decode)  block = one 16-row tile, its 8 warps take every 8th K step (B read from global memory:
-                          x is small and stays in L1/L2), partial sums meet in shared memory
+    s ≤ SMALL_S (decode)  block = one 16-row tile, its 8 warps take every 8th K step, each with a cp.async ring of
+                          its next steps' codes, scales and (s ≤ RING_X_TOKENS) activations in shared memory;
+                          partial sums meet in shared memory
     larger s              block = 8 row tiles (a warp each, 128 rows) × 64 tokens over all K steps: the block
                           stages each step's activation tile in shared memory already permuted into mma B
                           fragments (one 8-byte load per lane and mma, the tile read from global memory once per
@@ -25,14 +26,14 @@ from std.atomic import Atomic, Ordering, fence
 from std.memory import AddressSpace, bitcast, stack_allocation
 
 from max.gpu import barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
-from max.gpu.memory import async_copy, async_copy_commit_group, async_copy_wait_group
+from max.gpu.memory import async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.sync import syncwarp
 from max.gpu.compute.mma import mma
-from max.gpu.host import DeviceContext
+from max.gpu.host import DeviceContext, FuncAttribute
 
 comptime WARPS = 8
 comptime THREADS = 32 * WARPS
-comptime P_SPLIT = 4
+comptime P_SPLIT = 8
 """Partial sums of t = x·Rᵀ: t_parts is (P_SPLIT, s, k) float32."""
 comptime SMALL_S = 8
 """Token counts up to this use the decode launch (one 8-token mma tile)."""
@@ -47,13 +48,36 @@ comptime RING = 4
 comptime RING_ROW = 20
 """Words of one row's slot: 64 code bytes padded to 80, so a warp's word reads hit 32 distinct banks."""
 comptime RING_WORDS = RING * 16 * (RING_ROW + 2)
-"""Shared words of one warp's ring: RING slots of 16 rows × (80 code bytes + 8 scale bytes)."""
-comptime DECODE_WORDS = WARPS * 128 + WARPS * RING_WORDS
-"""Decode launch's shared memory in words: the cross-warp sums, then each warp's ring."""
+"""Shared words of one warp's ring without activations: RING slots of 16 rows × (80 code bytes + 8 scale bytes)."""
+comptime RING_X_TOKENS = 2
+"""Decode with at most this many tokens: each ring slot also holds the step's activations (x of the Q and R parts)."""
+comptime X_ROW = 132
+"""Words of one token's activations in a ring slot: a step's 256 16-bit values (2-bit codes; 4-bit use 128), padded
+by 16 bytes so that two tokens' rows start in different banks."""
 comptime B_X = 0
 comptime B_T = 1
 comptime B_SHARED = 2
 """Where `mma_step` reads the B operand: x or t_parts in global memory, or the staged shared tile."""
+
+
+@always_inline
+def ring_x_tokens(s: Int) -> Int:
+    """Tokens whose activations travel in the decode ring (all of them, or none)."""
+    return s if s <= RING_X_TOKENS else 0
+
+
+@always_inline
+def ring_words(s: Int) -> Int:
+    """Shared words of one warp's decode ring for s tokens: codes and scales, then the activations."""
+    return RING_WORDS + RING * ring_x_tokens(s) * X_ROW
+
+
+@always_inline
+def shared_bytes(s: Int) -> Int:
+    """Dynamic shared memory of a launch: the wide tile, or the decode cross-warp sums and each warp's ring."""
+    if s > SMALL_S:
+        return X_WORDS * 4
+    return (WARPS * 128 + WARPS * ring_words(s)) * 4
 
 
 @always_inline
@@ -413,7 +437,7 @@ def decode_codes_edge[
 
 @always_inline
 def decode_step[
-    bits: Int, dtype: DType, b_src: Int
+    bits: Int, dtype: DType, b_src: Int, x_ring: Bool
 ](
     mut acc: SIMD[DType.float32, 4],
     words: SIMD[DType.uint32, 8],
@@ -423,12 +447,14 @@ def decode_step[
     x: Pointer[Scalar[dtype], _],
     t_parts: Pointer[Float32, _],
     s: Int,
+    xw: Pointer[UInt32, _, address_space=AddressSpace.SHARED],
 ):
     """Decode, 2- or 4-bit codes: acc += W[rows g, g + 8; K step `step`] · B[tokens 0 … 7]ᵀ (`decode_codes` parts).
 
     The quad's four lanes hold word q of the same chunk, so each chunk's mmas stay inside one quantization group:
     they multiply the raw values 2^e + c (no per-weight arithmetic past the extraction), an mma with an all-ones A
-    gives Σx over the chunk's columns, and acc += scale·(Σ(2^e + c)x − (2^e + offset)·Σx).
+    gives Σx over the chunk's columns, and acc += scale·(Σ(2^e + c)x − (2^e + offset)·Σx). With `x_ring`, B is
+    the step's activations in the ring slot xw (`ring_issue`); otherwise it is read from x or t_parts.
     """
     comptime chunk = chunk_cols[bits]()  # 64 or 32 columns, inside one group
     comptime mmas = chunk // 16  # per chunk: 4 or 2 (two per 16/bits columns of a word)
@@ -441,23 +467,30 @@ def decode_step[
     # its products land only in outputs that are never written)
     var fast = b_src == B_X and (4 * step + 4) * chunk <= ncols and ncols % 8 == 0  # warp-uniform
     var xr = x.unsafe_offset(min(token, s - 1) * ncols)
+    var xt = min(token, s - 1) * X_ROW
     comptime for j in range(4):
         var col = (4 * step + j) * chunk + q * (chunk // 4)
         var n0: SIMD[DType.uint32, 4]
         var n1 = SIMD[DType.uint32, 4](0)
-        if fast:
-            n0 = bitcast[DType.uint32, 4](xr.unsafe_load[width=8, alignment=16](col))
+        comptime if x_ring:
+            var w0 = xt + (j * chunk + q * (chunk // 4)) // 2
+            n0 = xw.unsafe_load[width=4, alignment=16](w0)
             comptime if chunk == 64:
-                n1 = bitcast[DType.uint32, 4](xr.unsafe_load[width=8, alignment=16](col + 8))
+                n1 = xw.unsafe_load[width=4, alignment=16](w0 + 4)
         else:
-            comptime if b_src == B_T:
-                n0 = load_t8[dtype](t_parts, token, col, s, ncols)
+            if fast:
+                n0 = bitcast[DType.uint32, 4](xr.unsafe_load[width=8, alignment=16](col))
                 comptime if chunk == 64:
-                    n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
+                    n1 = bitcast[DType.uint32, 4](xr.unsafe_load[width=8, alignment=16](col + 8))
             else:
-                n0 = load_x8[dtype](x, token, col, s, ncols, ncols % 8 == 0)
-                comptime if chunk == 64:
-                    n1 = load_x8[dtype](x, token, col + 8, s, ncols, ncols % 8 == 0)
+                comptime if b_src == B_T:
+                    n0 = load_t8[dtype](t_parts, token, col, s, ncols)
+                    comptime if chunk == 64:
+                        n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
+                else:
+                    n0 = load_x8[dtype](x, token, col, s, ncols, ncols % 8 == 0)
+                    comptime if chunk == 64:
+                        n1 = load_x8[dtype](x, token, col + 8, s, ncols, ncols % 8 == 0)
         var nat = n0.join(n1)
         var wa, wb = words[j], words[4 + j]
         var tmp = SIMD[DType.float32, 4](0)
@@ -484,7 +517,7 @@ def ring_fits[bits: Int, group: Int](nrows: Int, row0: Int, ncols: Int) -> Bool:
 
 @always_inline
 def ring_issue[
-    bits: Int, group: Int
+    bits: Int, group: Int, dtype: DType, x_ring: Bool
 ](
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
@@ -493,8 +526,12 @@ def ring_issue[
     step: Int,
     slot: Int,
     ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+    x: Pointer[Scalar[dtype], _],
+    s: Int,
 ):
-    """Start copying K step `step` of rows row0 … row0 + 15 (codes and scales) into ring slot `slot`."""
+    """Start copying K step `step` of rows row0 … row0 + 15 (codes and scales) into ring slot `slot`; with
+    `x_ring`, also the step's columns of the s tokens' activations (token t at word (slot·s + t)·X_ROW of the
+    ring's activation area)."""
     comptime sbytes = step_scale_bytes[bits, group]()
     var row_bytes = ceildiv(ncols * bits, 8)
     var groups = ceildiv(ncols, group)
@@ -516,11 +553,21 @@ def ring_issue[
                     ssrc.address_space_cast[AddressSpace.GLOBAL](),
                     scale_words.unsafe_offset((slot * 16 + g + 8 * r) * 2).unsafe_bitcast[UInt8](),
                 )
+    comptime if x_ring:
+        comptime pieces = step_cols[bits]() // 8  # 16-byte pieces of one token's step: 32 or 16
+        var xw = ring.unsafe_offset(RING_WORDS)
+        if lane < pieces:
+            for t in range(s):
+                var src = x.unsafe_offset(t * ncols + step * step_cols[bits]() + 8 * lane).unsafe_bitcast[UInt8]()
+                async_copy[16](
+                    src.address_space_cast[AddressSpace.GLOBAL](),
+                    xw.unsafe_offset((slot * s + t) * X_ROW + 4 * lane).unsafe_bitcast[UInt8](),
+                )
 
 
 @always_inline
 def ring_warp[
-    bits: Int, group: Int, dtype: DType, b_src: Int
+    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool
 ](
     mut acc: SIMD[DType.float32, 4],
     data: Pointer[UInt8, _],
@@ -534,8 +581,9 @@ def ring_warp[
     s: Int,
     ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
-    """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales reach shared memory by cp.async
-    RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in flight without holding registers."""
+    """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales (and with `x_ring` its activations)
+    reach shared memory by cp.async RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in
+    flight without holding registers."""
     comptime cpg = chunks_per_group[bits, group]()
     var nsteps = ceildiv(ncols, step_cols[bits]())
     var mine = ceildiv(nsteps - step0, stride) if step0 < nsteps else 0
@@ -545,12 +593,14 @@ def ring_warp[
     syncwarp()  # the ring's previous reads (an earlier call) are done
     comptime for i in range(RING - 1):
         if i < mine:
-            ring_issue[bits, group](data, scales, row0, ncols, step0 + i * stride, i, ring)
+            ring_issue[bits, group, dtype, x_ring](data, scales, row0, ncols, step0 + i * stride, i, ring, x, s)
         async_copy_commit_group()
     for i in range(mine):
         syncwarp()  # every lane is done with the slot refilled next
         if i + RING - 1 < mine:
-            ring_issue[bits, group](data, scales, row0, ncols, step0 + (i + RING - 1) * stride, (i + RING - 1) % RING, ring)
+            ring_issue[bits, group, dtype, x_ring](
+                data, scales, row0, ncols, step0 + (i + RING - 1) * stride, (i + RING - 1) % RING, ring, x, s
+            )
         async_copy_commit_group()
         async_copy_wait_group(RING - 1)  # step i's group is complete
         syncwarp()
@@ -562,7 +612,8 @@ def ring_warp[
             comptime for j in range(4):
                 words[4 * r + j] = ring[base + 4 * j]
                 sc[4 * r + j] = scale_halves[(slot * 16 + g + 8 * r) * 4 + j // cpg].cast[DType.float32]()
-        decode_step[bits, dtype, b_src](acc, words, sc, ncols, step0 + i * stride, x, t_parts, s)
+        var xw = ring.unsafe_offset(RING_WORDS + slot * s * X_ROW)
+        decode_step[bits, dtype, b_src, x_ring](acc, words, sc, ncols, step0 + i * stride, x, t_parts, s, xw)
 
 
 @always_inline
@@ -593,12 +644,18 @@ def decode_warp[
             mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
     else:
         if ring_fits[bits, group](nrows, row0, ncols):  # warp-uniform
-            var ring = xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * RING_WORDS)
-            ring_warp[bits, group, dtype, b_src](acc, data, scales, row0, ncols, step0, stride, x, t_parts, s, ring)
+            var ring = xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words(s))
+            comptime if b_src == B_X:
+                if ring_x_tokens(s) > 0:
+                    ring_warp[bits, group, dtype, b_src, True](
+                        acc, data, scales, row0, ncols, step0, stride, x, t_parts, s, ring
+                    )
+                    return
+            ring_warp[bits, group, dtype, b_src, False](acc, data, scales, row0, ncols, step0, stride, x, t_parts, s, ring)
             return
         for step in range(step0, nsteps, stride):
             var c = decode_codes[bits, group](data, scales, ra, nrows, ncols, step)
-            decode_step[bits, dtype, b_src](acc, c[0], c[1], ncols, step, x, t_parts, s)
+            decode_step[bits, dtype, b_src, False](acc, c[0], c[1], ncols, step, x, t_parts, s, xs)
 
 
 @always_inline
@@ -862,15 +919,21 @@ def launch_project[
 
     @__parameter
     def kernel[wide: Bool]():
-        var xs = stack_allocation[X_WORDS if wide else DECODE_WORDS, UInt32, address_space=AddressSpace.SHARED]()
+        var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         project_block[br, gr, wide](
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, s, n, k
         )
 
+    var smem = shared_bytes(s)
+    var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if s <= SMALL_S:
-        ctx.enqueue_function[kernel[False]](grid_dim=project_blocks(s, k), block_dim=THREADS)
+        ctx.enqueue_function[kernel[False]](
+            grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+        )
     else:
-        ctx.enqueue_function[kernel[True]](grid_dim=project_blocks(s, k), block_dim=THREADS)
+        ctx.enqueue_function[kernel[True]](
+            grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+        )
 
 
 def launch_apply[
@@ -896,16 +959,22 @@ def launch_apply[
 
     @__parameter
     def kernel[wide: Bool]():
-        var xs = stack_allocation[X_WORDS if wide else DECODE_WORDS, UInt32, address_space=AddressSpace.SHARED]()
+        var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         apply_block[bq, gq, bl, gl, wide, False](
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, y, x, t_parts, q_codes, q_scales, l_data, l_scales,
             bias, s, m, n, k, has_bias, stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
         )
 
+    var smem = shared_bytes(s)
+    var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if s <= SMALL_S:
-        ctx.enqueue_function[kernel[False]](grid_dim=apply_blocks(s, m), block_dim=THREADS)
+        ctx.enqueue_function[kernel[False]](
+            grid_dim=apply_blocks(s, m), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+        )
     else:
-        ctx.enqueue_function[kernel[True]](grid_dim=apply_blocks(s, m), block_dim=THREADS)
+        ctx.enqueue_function[kernel[True]](
+            grid_dim=apply_blocks(s, m), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+        )
 
 
 @always_inline
@@ -964,7 +1033,7 @@ def launch_fused[
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
     def kernel[wide: Bool](s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
-        var xs = stack_allocation[X_WORDS if wide else DECODE_WORDS, UInt32, address_space=AddressSpace.SHARED]()
+        var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         var red = xs.unsafe_bitcast[Float32]()
         var bid = Int(block_idx.x)
         var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
@@ -986,11 +1055,15 @@ def launch_fused[
                 Atomic[Int64, scope="device"].store(sync, 0)
                 Atomic[Int64, scope="device"].store(done, 0)
 
+    var smem = shared_bytes(s)
+    var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if s <= SMALL_S:
         ctx.enqueue_function[kernel[False]](
-            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS
+            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS,
+            shared_mem_bytes=smem, func_attribute=attr,
         )
     else:
         ctx.enqueue_function[kernel[True]](
-            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS
+            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS,
+            shared_mem_bytes=smem, func_attribute=attr,
         )

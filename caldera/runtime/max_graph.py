@@ -36,7 +36,7 @@ Impl = Literal["fused", "two_stage"]
 IMPLS: tuple[Impl, ...] = ("fused", "two_stage")
 KERNELS = Path(os.environ.get("CALDERA_KERNELS", Path(__file__).resolve().parents[2] / "kernels_mojo"))
 """The Mojo package of the ops: a source folder (precompiled once per process) or a .mojoc."""
-T_PARTS_GPU = 4
+T_PARTS_GPU = 8
 """Partial sums of t = x̃ Rᵀ on the GPU: kernels_mojo/gpu.mojo's P_SPLIT (the CPU writes one)."""
 
 DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
