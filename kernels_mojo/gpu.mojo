@@ -24,6 +24,7 @@ to the K loop of x·Qᵀ (summing the partials while reading t).
 from std.math import ceildiv
 from std.atomic import Atomic, Ordering, fence
 from std.memory import AddressSpace, bitcast, stack_allocation
+from std.sys import inlined_assembly
 
 from max.gpu import barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
 from max.gpu.memory import async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
@@ -73,11 +74,18 @@ def ring_words(s: Int) -> Int:
 
 
 @always_inline
-def shared_bytes(s: Int) -> Int:
-    """Dynamic shared memory of a launch: the wide tile, or the decode cross-warp sums and each warp's ring."""
+def t_row(k: Int) -> Int:
+    """Words of one token's t = Σ_p t_parts[p] in shared memory (decode): k 16-bit values, zeros up to whole K steps
+    of any width, and 16 bytes of padding."""
+    return ceildiv(k, 256) * 128 + 4
+
+
+@always_inline
+def shared_bytes(s: Int, k: Int) -> Int:
+    """Dynamic shared memory of a launch: the wide tile, or at decode the cross-warp sums, each warp's ring and t."""
     if s > SMALL_S:
         return X_WORDS * 4
-    return (WARPS * 128 + WARPS * ring_words(s)) * 4
+    return (WARPS * 128 + WARPS * ring_words(s) + s * t_row(k)) * 4
 
 
 @always_inline
@@ -182,15 +190,24 @@ def load_t8_edge[dtype: DType](t_parts: Pointer[Float32, _], token: Int, col: In
 
 
 @always_inline
+def prmt[selector: UInt32](a: UInt32, b: UInt32) -> UInt32:
+    """PTX prmt.b32: the bytes of (b, a) picked by the 4 nibbles of `selector` (one instruction; the shift-and-mask
+    form compiles to two)."""
+    return inlined_assembly["prmt.b32 $0, $1, $2, $3;", UInt32, constraints="=r,r,r,n", has_side_effect=False](
+        a, b, selector
+    )
+
+
+@always_inline
 def pair_lo(a: UInt32, b: UInt32) -> UInt32:
-    """The low halves of a and b as one word (PRMT 0x5410)."""
-    return (a & 0xFFFF) | (b << 16)
+    """The low halves of a and b as one word."""
+    return prmt[0x5410](a, b)
 
 
 @always_inline
 def pair_hi(a: UInt32, b: UInt32) -> UInt32:
-    """The high halves of a and b as one word (PRMT 0x7632)."""
-    return (a >> 16) | (b & 0xFFFF0000)
+    """The high halves of a and b as one word."""
+    return prmt[0x7632](a, b)
 
 
 @always_inline
@@ -437,7 +454,7 @@ def decode_codes_edge[
 
 @always_inline
 def decode_step[
-    bits: Int, dtype: DType, b_src: Int, x_ring: Bool
+    bits: Int, dtype: DType, b_shared: Bool
 ](
     mut acc: SIMD[DType.float32, 4],
     words: SIMD[DType.uint32, 8],
@@ -445,16 +462,17 @@ def decode_step[
     ncols: Int,
     step: Int,
     x: Pointer[Scalar[dtype], _],
-    t_parts: Pointer[Float32, _],
     s: Int,
     xw: Pointer[UInt32, _, address_space=AddressSpace.SHARED],
+    xrow: Int,
 ):
     """Decode, 2- or 4-bit codes: acc += W[rows g, g + 8; K step `step`] · B[tokens 0 … 7]ᵀ (`decode_codes` parts).
 
     The quad's four lanes hold word q of the same chunk, so each chunk's mmas stay inside one quantization group:
     they multiply the raw values 2^e + c (no per-weight arithmetic past the extraction), an mma with an all-ones A
-    gives Σx over the chunk's columns, and acc += scale·(Σ(2^e + c)x − (2^e + offset)·Σx). With `x_ring`, B is
-    the step's activations in the ring slot xw (`ring_issue`); otherwise it is read from x or t_parts.
+    gives Σx over the chunk's columns, and acc += scale·(Σ(2^e + c)x − (2^e + offset)·Σx). B: with `b_shared`, the
+    step's 16-bit values in shared memory from word xw on, token rows xrow words apart (the ring's activations or
+    t); otherwise x in global memory.
     """
     comptime chunk = chunk_cols[bits]()  # 64 or 32 columns, inside one group
     comptime mmas = chunk // 16  # per chunk: 4 or 2 (two per 16/bits columns of a word)
@@ -463,16 +481,15 @@ def decode_step[
     var lane = Int(lane_id())
     var q, token = lane % 4, lane // 4
     var ones = SIMD[dtype, 8](1)
-    # a whole step of x on 16-byte aligned rows: plain loads from the token's row (a token past s reads row s - 1:
-    # its products land only in outputs that are never written)
-    var fast = b_src == B_X and (4 * step + 4) * chunk <= ncols and ncols % 8 == 0  # warp-uniform
+    # a token past s reads row s - 1: its products land only in outputs that are never written
+    var fast = (4 * step + 4) * chunk <= ncols and ncols % 8 == 0  # warp-uniform: a whole, aligned step of x
     var xr = x.unsafe_offset(min(token, s - 1) * ncols)
-    var xt = min(token, s - 1) * X_ROW
+    var xt = min(token, s - 1) * xrow
     comptime for j in range(4):
         var col = (4 * step + j) * chunk + q * (chunk // 4)
         var n0: SIMD[DType.uint32, 4]
         var n1 = SIMD[DType.uint32, 4](0)
-        comptime if x_ring:
+        comptime if b_shared:
             var w0 = xt + (j * chunk + q * (chunk // 4)) // 2
             n0 = xw.unsafe_load[width=4, alignment=16](w0)
             comptime if chunk == 64:
@@ -483,14 +500,9 @@ def decode_step[
                 comptime if chunk == 64:
                     n1 = bitcast[DType.uint32, 4](xr.unsafe_load[width=8, alignment=16](col + 8))
             else:
-                comptime if b_src == B_T:
-                    n0 = load_t8[dtype](t_parts, token, col, s, ncols)
-                    comptime if chunk == 64:
-                        n1 = load_t8[dtype](t_parts, token, col + 8, s, ncols)
-                else:
-                    n0 = load_x8[dtype](x, token, col, s, ncols, ncols % 8 == 0)
-                    comptime if chunk == 64:
-                        n1 = load_x8[dtype](x, token, col + 8, s, ncols, ncols % 8 == 0)
+                n0 = load_x8[dtype](x, token, col, s, ncols, ncols % 8 == 0)
+                comptime if chunk == 64:
+                    n1 = load_x8[dtype](x, token, col + 8, s, ncols, ncols % 8 == 0)
         var nat = n0.join(n1)
         var wa, wb = words[j], words[4 + j]
         var tmp = SIMD[DType.float32, 4](0)
@@ -577,13 +589,14 @@ def ring_warp[
     step0: Int,
     stride: Int,
     x: Pointer[Scalar[dtype], _],
-    t_parts: Pointer[Float32, _],
     s: Int,
-    ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
     """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales (and with `x_ring` its activations)
     reach shared memory by cp.async RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in
     flight without holding registers."""
+    var ring = xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words(s))
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))  # t, for B_T (`sum_t`)
     comptime cpg = chunks_per_group[bits, group]()
     var nsteps = ceildiv(ncols, step_cols[bits]())
     var mine = ceildiv(nsteps - step0, stride) if step0 < nsteps else 0
@@ -612,8 +625,13 @@ def ring_warp[
             comptime for j in range(4):
                 words[4 * r + j] = ring[base + 4 * j]
                 sc[4 * r + j] = scale_halves[(slot * 16 + g + 8 * r) * 4 + j // cpg].cast[DType.float32]()
-        var xw = ring.unsafe_offset(RING_WORDS + slot * s * X_ROW)
-        decode_step[bits, dtype, b_src, x_ring](acc, words, sc, ncols, step0 + i * stride, x, t_parts, s, xw)
+        var step = step0 + i * stride
+        comptime if b_src == B_T:
+            var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
+            decode_step[bits, dtype, True](acc, words, sc, ncols, step, x, s, tw, t_row(ncols))
+        else:
+            var xw = ring.unsafe_offset(RING_WORDS + slot * s * X_ROW)
+            decode_step[bits, dtype, x_ring](acc, words, sc, ncols, step, x, s, xw, X_ROW)
 
 
 @always_inline
@@ -633,8 +651,12 @@ def decode_warp[
     s: Int,
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
-    """Decode: acc += W[row0 : row0 + 16, K steps step0, step0 + stride, …] · B[0 : 8]ᵀ (B from global memory)."""
+    """Decode: acc += W[row0 : row0 + 16, K steps step0, step0 + stride, …] · B[0 : 8]ᵀ.
+
+    B: x (B_X), or t (B_T) summed into shared memory by `sum_t` (from t_parts for 16-bit parts).
+    """
     comptime cols = step_cols[bits]()
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))
     var q, ra = Int(lane_id()) % 4, row0 + Int(lane_id()) // 4
     var nsteps = ceildiv(ncols, cols)
     comptime if bits == 16:
@@ -644,18 +666,19 @@ def decode_warp[
             mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
     else:
         if ring_fits[bits, group](nrows, row0, ncols):  # warp-uniform
-            var ring = xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words(s))
             comptime if b_src == B_X:
                 if ring_x_tokens(s) > 0:
-                    ring_warp[bits, group, dtype, b_src, True](
-                        acc, data, scales, row0, ncols, step0, stride, x, t_parts, s, ring
-                    )
+                    ring_warp[bits, group, dtype, b_src, True](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
                     return
-            ring_warp[bits, group, dtype, b_src, False](acc, data, scales, row0, ncols, step0, stride, x, t_parts, s, ring)
+            ring_warp[bits, group, dtype, b_src, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
             return
         for step in range(step0, nsteps, stride):
             var c = decode_codes[bits, group](data, scales, ra, nrows, ncols, step)
-            decode_step[bits, dtype, b_src, False](acc, c[0], c[1], ncols, step, x, t_parts, s, xs)
+            comptime if b_src == B_T:
+                var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
+                decode_step[bits, dtype, True](acc, c[0], c[1], ncols, step, x, s, tw, t_row(ncols))
+            else:
+                decode_step[bits, dtype, False](acc, c[0], c[1], ncols, step, x, s, xs, 0)
 
 
 @always_inline
@@ -839,6 +862,24 @@ def project_block[
 
 
 @always_inline
+def sum_t[
+    dtype: DType
+](t_parts: Pointer[Float32, _], s: Int, k: Int, xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED]):
+    """Decode, block-wide: t = Σ_p t_parts[p] (s, k) rounded to `dtype` into shared memory after the rings, each
+    token's row `t_row(k)` words long and zero past k, for `decode_warp`'s B_T."""
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s)).unsafe_bitcast[Scalar[dtype]]()
+    var row = 2 * t_row(k)
+    for e in range(Int(thread_idx.x), s * row, THREADS):
+        var token, c = e // row, e % row
+        var total = Float32(0)
+        if c < k:
+            for p in range(P_SPLIT):
+                total += t_parts[unsafe_offset=(p * s + token) * k + c]
+        ts[e] = total.cast[dtype]()
+    barrier()
+
+
+@always_inline
 def wait_for(sync: Pointer[Int64, _], count: Int):
     """Block-wide: wait until sync[0] (stage-1 blocks done) reaches `count`, then see their writes."""
     if thread_idx.x == 0:
@@ -879,6 +920,7 @@ def apply_block[
         if k > 0:
             comptime if fused:
                 wait_for(sync, wait_count)
+            sum_t[dtype](t_parts, s, k, xs)
             decode_warp[bl, gl, dtype, B_T](acc, l_data, l_scales, m, 16 * bid, k, w, WARPS, x, t_parts, s, xs)
         var r = reduce_warps(acc, red)
         var row = 16 * bid + r[2]
@@ -924,7 +966,7 @@ def launch_project[
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, s, n, k
         )
 
-    var smem = shared_bytes(s)
+    var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if s <= SMALL_S:
         ctx.enqueue_function[kernel[False]](
@@ -965,7 +1007,7 @@ def launch_apply[
             bias, s, m, n, k, has_bias, stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
         )
 
-    var smem = shared_bytes(s)
+    var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if s <= SMALL_S:
         ctx.enqueue_function[kernel[False]](
@@ -1055,7 +1097,7 @@ def launch_fused[
                 Atomic[Int64, scope="device"].store(sync, 0)
                 Atomic[Int64, scope="device"].store(done, 0)
 
-    var smem = shared_bytes(s)
+    var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if s <= SMALL_S:
         ctx.enqueue_function[kernel[False]](
