@@ -28,7 +28,7 @@ CASES = {
     "q4-groups128-fp16": (48, 416, {"rank": 12, "bq": 4, "group_size": 128, "incoherence": False}, torch.float16),
     "q2-lr2-bf16": (40, 320, {"rank": 20, "bl": 2, "br": 2}, torch.bfloat16),
 }
-ROWS = (1, 5, 9, 130)  # decode, split-K launch; wide launch with one and three token passes
+ROWS = (1, 2, 5, 9, 130)  # decode (activations in the ring up to 2 tokens), wide launch with one and three token passes
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
