@@ -18,7 +18,8 @@ Launch shapes:
                           fragments (one 8-byte load per lane and mma, the tile read from global memory once per
                           block instead of once per warp), the next step's codes in flight meanwhile
 The low-rank term runs the same routines twice: t = x·Rᵀ (P_SPLIT partial sums over K steps), then t·Lᵀ appended
-to the K loop of x·Qᵀ (summing the partials while reading t).
+to the K loop of x·Qᵀ (the wide launch sums the partials while reading t; at decode each block sums them once into
+shared memory, `sum_t`).
 """
 
 from std.math import ceildiv
