@@ -29,6 +29,7 @@ from std.sys import inlined_assembly
 
 from max.gpu import barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
 from max.gpu.memory import async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
+from max.gpu.primitives import warp
 from max.gpu.sync import syncwarp
 from max.gpu.compute.mma import mma
 from max.gpu.host import DeviceContext, FuncAttribute
@@ -56,6 +57,11 @@ comptime RING_X_TOKENS = 2
 comptime X_ROW = 132
 """Words of one token's activations in a ring slot: a step's 256 16-bit values (2-bit codes; 4-bit use 128), padded
 by 16 bytes so that two tokens' rows start in different banks."""
+comptime XP_PARTS = 2
+"""Decode with 2-bit Q: stage 1 prepares x for stage 2 in xp (XP_PARTS, s, n) of the activations' dtype
+(`prepare_x`): part 0 the prepared x, part 1 from its start the chunk sums sx (s, `sx_row`(n)) float32."""
+comptime ZERO = Scalar[DType.uint8](0)
+"""cp.async's fill: with it, the bytes past `src_size` are zeroed (without it `src_size` is ignored)."""
 comptime B_X = 0
 comptime B_T = 1
 comptime B_SHARED = 2
@@ -397,6 +403,24 @@ def raw_pair[bits: Int, dtype: DType](word: UInt32, j: Int) -> SIMD[dtype, 2]:
 
 
 @always_inline
+def code_pair[dtype: DType, i: Int](word: UInt32, magic: UInt32) -> SIMD[dtype, 2]:
+    """2-bit codes of columns (i, i + 8) of a word (i < 8) as 2^e + 4^p·c with p = i mod 3: one AND-OR (LOP3) after
+    one of the shifts 0, 6, 12 that a word's 8 pairs share (c·4^p stays inside the mantissa). The prepared activations
+    are divided by 4^p (`prepare_x`), so the products are 2^e·x/4^p + c·x. `magic`: `magic_word`."""
+    comptime mask = UInt32(0x00030003 << (2 * (i % 3)))
+    return half2[dtype](((word >> UInt32(6 * (i // 3))) & mask) | magic)
+
+
+@always_inline
+def magic_word[dtype: DType](s: Int) -> UInt32:
+    """The exponent bits of 2^e (2^7 bf16, 2^10 fp16) in both halves, OR'd with s >> 40 (zero, but the compiler cannot
+    know): a constant would become LOP3's one immediate and push the masks into registers, rematerialized at every use;
+    a runtime value stays in one register and leaves the immediate to the mask."""
+    comptime magic = UInt32(0x43004300) if dtype == DType.bfloat16 else UInt32(0x64006400)
+    return magic | UInt32(s >> 40)
+
+
+@always_inline
 def decode_codes[
     bits: Int, group: Int
 ](data: Pointer[UInt8, _], scales: Pointer[Float16, _], ra: Int, nrows: Int, ncols: Int, step: Int) -> Tuple[
@@ -455,7 +479,7 @@ def decode_codes_edge[
 
 @always_inline
 def decode_step[
-    bits: Int, dtype: DType, b_shared: Bool
+    bits: Int, dtype: DType, b_shared: Bool, xp: Bool = False
 ](
     mut acc: SIMD[DType.float32, 4],
     words: SIMD[DType.uint32, 8],
@@ -473,12 +497,15 @@ def decode_step[
     they multiply the raw values 2^e + c (no per-weight arithmetic past the extraction), an mma with an all-ones A
     gives Σx over the chunk's columns, and acc += scale·(Σ(2^e + c)x − (2^e + offset)·Σx). B: with `b_shared`, the
     step's 16-bit values in shared memory from word xw on, token rows xrow words apart (the ring's activations or
-    t); otherwise x in global memory.
+    t); otherwise x in global memory. With `xp` (2-bit, the ring's activations prepared by `prepare_x`): the words
+    are B fragments already, A comes from `code_pair`, and each token row's words 128 … 131 hold the chunks' sx,
+    so acc += scale·(Σ A·B − sx) without the all-ones mma.
     """
     comptime chunk = chunk_cols[bits]()  # 64 or 32 columns, inside one group
     comptime mmas = chunk // 16  # per chunk: 4 or 2 (two per 16/bits columns of a word)
     comptime base = Float32(128.0) if dtype == DType.bfloat16 else Float32(1024.0)
     comptime offset = Float32((1 << bits) - 1) / 2
+    comptime assert not xp or (bits == 2 and b_shared), "prepared activations are for 2-bit codes, from the ring"
     var lane = Int(lane_id())
     var q, token = lane % 4, lane // 4
     var ones = SIMD[dtype, 8](1)
@@ -486,6 +513,12 @@ def decode_step[
     var fast = (4 * step + 4) * chunk <= ncols and ncols % 8 == 0  # warp-uniform: a whole, aligned step of x
     var xr = x.unsafe_offset(min(token, s - 1) * ncols)
     var xt = min(token, s - 1) * xrow
+    var magic = magic_word[dtype](s)
+    var sx0 = SIMD[DType.float32, 4](0)  # xp: the chunks' sx of tokens 2q and 2q + 1 (acc's columns)
+    var sx1 = SIMD[DType.float32, 4](0)
+    comptime if xp:
+        sx0 = bitcast[DType.float32, 4](xw.unsafe_load[width=4, alignment=16](min(2 * q, s - 1) * xrow + 128))
+        sx1 = bitcast[DType.float32, 4](xw.unsafe_load[width=4, alignment=16](min(2 * q + 1, s - 1) * xrow + 128))
     comptime for j in range(4):
         var col = (4 * step + j) * chunk + q * (chunk // 4)
         var n0: SIMD[DType.uint32, 4]
@@ -509,78 +542,104 @@ def decode_step[
         var tmp = SIMD[DType.float32, 4](0)
         var tx = SIMD[DType.float32, 4](0)
         comptime for h in range(mmas):
-            var a = (raw_pair[bits, dtype](wa, 2 * h).join(raw_pair[bits, dtype](wb, 2 * h))).join(
-                raw_pair[bits, dtype](wa, 2 * h + 1).join(raw_pair[bits, dtype](wb, 2 * h + 1))
-            )
-            var b = bitcast[dtype, 4](b_words[bits](nat, h))
-            mma(tmp, a, b, tmp)
-            mma(tx, ones, b, tx)
+            comptime if xp:
+                var a = (code_pair[dtype, 2 * h](wa, magic).join(code_pair[dtype, 2 * h](wb, magic))).join(
+                    code_pair[dtype, 2 * h + 1](wa, magic).join(code_pair[dtype, 2 * h + 1](wb, magic))
+                )
+                mma(tmp, a, bitcast[dtype, 4](nat.slice[2, offset = 2 * h]()), tmp)
+            else:
+                var a = (raw_pair[bits, dtype](wa, 2 * h).join(raw_pair[bits, dtype](wb, 2 * h))).join(
+                    raw_pair[bits, dtype](wa, 2 * h + 1).join(raw_pair[bits, dtype](wb, 2 * h + 1))
+                )
+                var b = bitcast[dtype, 4](b_words[bits](nat, h))
+                mma(tmp, a, b, tmp)
+                mma(tx, ones, b, tx)
         var scale = SIMD[DType.float32, 4](sc[j], sc[j], sc[4 + j], sc[4 + j])
-        acc += scale * (tmp - (base + offset) * tx)
+        comptime if xp:
+            acc += scale * (tmp - SIMD[DType.float32, 4](sx0[j], sx1[j], sx0[j], sx1[j]))
+        else:
+            acc += scale * (tmp - (base + offset) * tx)
 
 
 @always_inline
 def ring_fits[bits: Int, group: Int](nrows: Int, row0: Int, ncols: Int) -> Bool:
-    """Whether a decode tile takes the shared-memory ring: 16 whole rows of whole, 16-byte aligned steps, and
-    each step's scales of a row 4 or 8 bytes at an aligned offset."""
+    """Whether a decode tile takes the shared-memory ring: 16 whole rows of whole 16-byte chunks (a last K step of
+    fewer than 4 is zero-filled), a step's scales of a row 4 or 8 bytes, copied in 4-byte pieces (an even number
+    of groups per row keeps them aligned)."""
     comptime sbytes = step_scale_bytes[bits, group]()
     var groups = ceildiv(ncols, group)
-    return sbytes >= 4 and row0 + 16 <= nrows and ncols % step_cols[bits]() == 0 and (2 * groups) % sbytes == 0
+    return sbytes >= 4 and row0 + 16 <= nrows and ncols % chunk_cols[bits]() == 0 and groups % 2 == 0
 
 
 @always_inline
 def ring_issue[
-    bits: Int, group: Int, dtype: DType, x_ring: Bool
+    bits: Int, group: Int, dtype: DType, x_ring: Bool, xp: Bool
 ](
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
+    x: Pointer[Scalar[dtype], _],
     row0: Int,
     ncols: Int,
     step: Int,
     slot: Int,
     ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
-    x: Pointer[Scalar[dtype], _],
     s: Int,
 ):
-    """Start copying K step `step` of rows row0 … row0 + 15 (codes and scales) into ring slot `slot`; with
-    `x_ring`, also the step's columns of the s tokens' activations (token t at word (slot·s + t)·X_ROW of the
-    ring's activation area)."""
+    """Start copying K step `step` of a 16-row tile (codes and scales) into ring slot `slot`; with `x_ring`, also the
+    step's columns of the s tokens' activations (token t at word (slot·s + t)·X_ROW of the ring's activation area);
+    with `xp`, x is xp's part 0 and each token row's last 4 words get the step's sx. Whatever lies past the row's
+    end (a last step of fewer than 4 chunks) arrives as zeros: cp.async with a source size of 0."""
     comptime sbytes = step_scale_bytes[bits, group]()
-    var row_bytes = ceildiv(ncols * bits, 8)
-    var groups = ceildiv(ncols, group)
+    comptime chunk = chunk_cols[bits]()
     var lane = Int(lane_id())
     var g, q = lane // 4, lane % 4
-    var codes = ring.unsafe_bitcast[UInt8]()
-    var scale_words = ring.unsafe_offset(RING * 16 * RING_ROW)
-    comptime for r in range(2):
-        var row = row0 + g + 8 * r
-        var src = data.unsafe_offset(row * row_bytes + step * 64 + 16 * q)
-        async_copy[16](
-            src.address_space_cast[AddressSpace.GLOBAL](),
-            codes.unsafe_offset(((slot * 16 + g + 8 * r) * RING_ROW + 4 * q) * 4),
-        )
-        comptime if sbytes >= 4:  # (`ring_fits` takes no other tile)
-            if q == r:  # lanes 0 and 1 of the quad copy the scales of rows g and g + 8
-                var ssrc = scales.unsafe_offset(row * groups + step_group[bits, group](step)).unsafe_bitcast[UInt8]()
-                async_copy[sbytes](
-                    ssrc.address_space_cast[AddressSpace.GLOBAL](),
-                    scale_words.unsafe_offset((slot * 16 + g + 8 * r) * 2).unsafe_bitcast[UInt8](),
-                )
+    var row_bytes, groups = ceildiv(ncols * bits, 8), ceildiv(ncols, group)
+    var chunks = ncols // chunk - 4 * step  # of this step, if under 4
+    var row = data.unsafe_offset((row0 + g) * row_bytes)
+    var src = row.unsafe_offset(step * 64 + 16 * q) if q < chunks else row
+    var dst = ring.unsafe_bitcast[UInt8]().unsafe_offset(((slot * 16 + g) * RING_ROW + 4 * q) * 4)
+    var size = Int32(16 if q < chunks else 0)
+    async_copy[16, fill=ZERO](src.address_space_cast[AddressSpace.GLOBAL](), dst, src_size=size)
+    async_copy[16, fill=ZERO](
+        src.unsafe_offset(8 * row_bytes).address_space_cast[AddressSpace.GLOBAL](), dst.unsafe_offset(8 * RING_ROW * 4), src_size=size
+    )
+    comptime if sbytes >= 4:  # (`ring_fits` takes no other tile)
+        comptime per_row = sbytes // 4  # 4-byte pieces: lanes q < 2·per_row of the quad copy one each
+        if q < 2 * per_row:
+            var r, piece = q // per_row, q % per_row
+            var first = step_group[bits, group](step) + 2 * piece  # the piece's first group
+            var valid = min(max(groups - first, 0), 2)
+            var scale_words = ring.unsafe_offset(RING * 16 * RING_ROW)
+            var ssrc = scales.unsafe_offset((row0 + g + 8 * r) * groups + (first if valid > 0 else 0))
+            async_copy[4, fill=ZERO](
+                ssrc.unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
+                scale_words.unsafe_offset((slot * 16 + g + 8 * r) * 2 + piece).unsafe_bitcast[UInt8](),
+                src_size=Int32(2 * valid),
+            )
     comptime if x_ring:
         comptime pieces = step_cols[bits]() // 8  # 16-byte pieces of one token's step: 32 or 16
-        var xw = ring.unsafe_offset(RING_WORDS)
-        if lane < pieces:
-            for t in range(s):
-                var src = x.unsafe_offset(t * ncols + step * step_cols[bits]() + 8 * lane).unsafe_bitcast[UInt8]()
-                async_copy[16](
-                    src.address_space_cast[AddressSpace.GLOBAL](),
-                    xw.unsafe_offset((slot * s + t) * X_ROW + 4 * lane).unsafe_bitcast[UInt8](),
+        var xw = ring.unsafe_offset(RING_WORDS + slot * s * X_ROW)
+        var col = step * step_cols[bits]() + 8 * lane
+        comptime for t in range(RING_X_TOKENS):
+            if t < s and lane < pieces:
+                async_copy[16, fill=ZERO](
+                    x.unsafe_offset(t * ncols + (col if col < ncols else 0)).unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
+                    xw.unsafe_offset(t * X_ROW + 4 * lane).unsafe_bitcast[UInt8](),
+                    src_size=Int32(16 if col < ncols else 0),
+                )
+        comptime if xp:
+            if lane < s:  # sx (s, sx_row) starts at xp's part 1; a step has 4 chunks
+                var sx = x.unsafe_offset(s * ncols).unsafe_bitcast[Float32]().unsafe_offset(lane * sx_row(ncols))
+                async_copy[16, fill=ZERO](
+                    sx.unsafe_offset(4 * step if chunks > 0 else 0).unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
+                    xw.unsafe_offset(lane * X_ROW + 128).unsafe_bitcast[UInt8](),
+                    src_size=Int32(4 * min(max(chunks, 0), 4)),
                 )
 
 
 @always_inline
 def ring_warp[
-    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool
+    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool, xp: Bool
 ](
     mut acc: SIMD[DType.float32, 4],
     data: Pointer[UInt8, _],
@@ -595,7 +654,7 @@ def ring_warp[
 ):
     """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales (and with `x_ring` its activations)
     reach shared memory by cp.async RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in
-    flight without holding registers."""
+    flight without holding registers. With `xp`, x is xp (`prepare_x`)."""
     var ring = xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words(s))
     var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))  # t, for B_T (`sum_t`)
     comptime cpg = chunks_per_group[bits, group]()
@@ -607,13 +666,16 @@ def ring_warp[
     syncwarp()  # the ring's previous reads (an earlier call) are done
     comptime for i in range(RING - 1):
         if i < mine:
-            ring_issue[bits, group, dtype, x_ring](data, scales, row0, ncols, step0 + i * stride, i, ring, x, s)
+            ring_issue[bits, group, dtype, x_ring, xp](
+                data, scales, x, row0, ncols, step0 + i * stride, i, ring, s
+            )
         async_copy_commit_group()
     for i in range(mine):
         syncwarp()  # every lane is done with the slot refilled next
         if i + RING - 1 < mine:
-            ring_issue[bits, group, dtype, x_ring](
-                data, scales, row0, ncols, step0 + (i + RING - 1) * stride, (i + RING - 1) % RING, ring, x, s
+            ring_issue[bits, group, dtype, x_ring, xp](
+                data, scales, x, row0, ncols, step0 + (i + RING - 1) * stride, (i + RING - 1) % RING,
+                ring, s,
             )
         async_copy_commit_group()
         async_copy_wait_group(RING - 1)  # step i's group is complete
@@ -625,19 +687,19 @@ def ring_warp[
             var base = (slot * 16 + g + 8 * r) * RING_ROW + q
             comptime for j in range(4):
                 words[4 * r + j] = ring[base + 4 * j]
-                sc[4 * r + j] = scale_halves[(slot * 16 + g + 8 * r) * 4 + j // cpg].cast[DType.float32]()
+                sc[4 * r + j] = scale_halves[unsafe_offset=(slot * 16 + g + 8 * r) * 4 + j // cpg].cast[DType.float32]()
         var step = step0 + i * stride
         comptime if b_src == B_T:
             var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
             decode_step[bits, dtype, True](acc, words, sc, ncols, step, x, s, tw, t_row(ncols))
         else:
             var xw = ring.unsafe_offset(RING_WORDS + slot * s * X_ROW)
-            decode_step[bits, dtype, x_ring](acc, words, sc, ncols, step, x, s, xw, X_ROW)
+            decode_step[bits, dtype, x_ring, xp](acc, words, sc, ncols, step, x, s, xw, X_ROW)
 
 
 @always_inline
 def decode_warp[
-    bits: Int, group: Int, dtype: DType, b_src: Int
+    bits: Int, group: Int, dtype: DType, b_src: Int, all_ring: Bool, xp: Bool = False
 ](
     mut acc: SIMD[DType.float32, 4],
     data: Pointer[UInt8, _],
@@ -654,7 +716,9 @@ def decode_warp[
 ):
     """Decode: acc += W[row0 : row0 + 16, K steps step0, step0 + stride, …] · B[0 : 8]ᵀ.
 
-    B: x (B_X), or t (B_T) summed into shared memory by `sum_t` (from t_parts for 16-bit parts).
+    B: x (B_X), or t (B_T) summed into shared memory by `sum_t` (from t_parts for 16-bit parts). With `all_ring`
+    every tile takes the ring (`all_ring`: the kernel then holds no code for the others, and fewer registers); with
+    `xp`, x is xp (`prepare_x`).
     """
     comptime cols = step_cols[bits]()
     var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))
@@ -666,20 +730,24 @@ def decode_warp[
             var c = load_step[bits, group](data, scales, ra, nrows, ncols, col0)
             mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
     else:
-        if ring_fits[bits, group](nrows, row0, ncols):  # warp-uniform
-            comptime if b_src == B_X:
-                if ring_x_tokens(s) > 0:
-                    ring_warp[bits, group, dtype, b_src, True](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
-                    return
-            ring_warp[bits, group, dtype, b_src, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
+        comptime if xp and b_src == B_X:
+            ring_warp[bits, group, dtype, b_src, True, True](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
             return
-        for step in range(step0, nsteps, stride):
-            var c = decode_codes[bits, group](data, scales, ra, nrows, ncols, step)
-            comptime if b_src == B_T:
-                var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
-                decode_step[bits, dtype, True](acc, c[0], c[1], ncols, step, x, s, tw, t_row(ncols))
-            else:
-                decode_step[bits, dtype, False](acc, c[0], c[1], ncols, step, x, s, xs, 0)
+        comptime if not all_ring:
+            if not ring_fits[bits, group](nrows, row0, ncols):  # warp-uniform
+                for step in range(step0, nsteps, stride):
+                    var c = decode_codes[bits, group](data, scales, ra, nrows, ncols, step)
+                    comptime if b_src == B_T:
+                        var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
+                        decode_step[bits, dtype, True](acc, c[0], c[1], ncols, step, x, s, tw, t_row(ncols))
+                    else:
+                        decode_step[bits, dtype, False](acc, c[0], c[1], ncols, step, x, s, xs, 0)
+                return
+        comptime if b_src == B_X:
+            if ring_x_tokens(s) > 0:
+                ring_warp[bits, group, dtype, b_src, True, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
+                return
+        ring_warp[bits, group, dtype, b_src, False, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
 
 
 @always_inline
@@ -833,17 +901,24 @@ def project_block[
     x: Pointer[Scalar[dtype], _],
     r_data: Pointer[UInt8, _],
     r_scales: Pointer[Float16, _],
+    xp: Pointer[mut=True, Scalar[dtype], _],
+    prep: Bool,
     s: Int,
     n: Int,
     k: Int,
 ):
-    """Block `bid` of stage 1: its rows of t_parts[p], the partial sum over K segment p."""
+    """Block `bid` of stage 1: its rows of t_parts[p], the partial sum over K segment p; with `prep`, its share of
+    xp (`prepare_x`)."""
     var w, lane = Int(warp_id()), Int(lane_id())
     var p = bid % P_SPLIT
     comptime if not wide:  # one 16-row tile per block, its warps taking every (P_SPLIT·WARPS)-th K step
+        if prep:
+            prepare_x(x, xp, s, n, bid, project_blocks(s, k))
         var rt = bid // P_SPLIT
         var acc = SIMD[DType.float32, 4](0)
-        decode_warp[br, gr, dtype, B_X](acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, xs)
+        decode_warp[br, gr, dtype, B_X, False](
+            acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, xs
+        )
         var r = reduce_warps(acc, red)
         var row = 16 * rt + r[2]
         if r[0] and row < k and r[3] < s:
@@ -860,6 +935,68 @@ def project_block[
             var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
             if row < k and token < s:
                 t_parts[unsafe_offset=(p * s + token) * k + row] = acc[e]
+
+
+@always_inline
+def all_ring[bq: Int, gq: Int, bl: Int, gl: Int](m: Int, n: Int, k: Int) -> Bool:
+    """Whether every decode tile of stage 2 takes the ring (`ring_fits`), Q's and L's (or L is fp16, or absent)."""
+    var l_fits = k == 0 or bl == 16 or ring_fits[bl, gl](m, 0, k)
+    return bq < 16 and m % 16 == 0 and ring_fits[bq, gq](m, 0, n) and l_fits
+
+
+@always_inline
+def xp_fits[bq: Int, gq: Int, bl: Int, gl: Int](s: Int, m: Int, n: Int, k: Int, room: Bool) -> Bool:
+    """Whether stage 2 reads the activations that stage 1 prepared (`prepare_x`): room for them (the graph gives
+    xp XP_PARTS rows for 2-bit Q on the GPU), few tokens, a low-rank part (stage 1 runs) and every tile in the ring."""
+    return bq == 2 and prepares_x(s, n, k, room) and all_ring[bq, gq, bl, gl](m, n, k)
+
+
+@always_inline
+def prepares_x(s: Int, n: Int, k: Int, room: Bool) -> Bool:
+    """Whether stage 1 writes xp: `xp_fits` less what stage 1 does not know (it holds for every Q of n columns)."""
+    return room and 0 < s and s <= RING_X_TOKENS and k > 0 and n % 64 == 0
+
+
+@always_inline
+def sx_row(n: Int) -> Int:
+    """Floats of one token's row of sx: n/64 chunk sums, padded to whole K steps (16 bytes) for cp.async."""
+    return ceildiv(n, 256) * 4
+
+
+@always_inline
+def prepare_x[
+    dtype: DType
+](x: Pointer[Scalar[dtype], _], xp: Pointer[mut=True, Scalar[dtype], _], s: Int, n: Int, bid: Int, blocks: Int):
+    """Stage 1's share of xp (`prepares_x`), block `bid` of `blocks`: part 0 (s, n) is x with each 16 columns in the
+    order of `b_words[2]`'s words (columns 2h + e, 2h + e + 8 in word 2h + e), divided by 4^((2h + e) mod 3) as
+    `code_pair` needs; sx (s, `sx_row`) float32 holds per token and 64-column chunk Σ (2^e·x' + 1.5·x), the term that
+    `decode_step` subtracts. Warp 0 of the block takes 32·16 columns at a time, four consecutive lanes a chunk."""
+    comptime base = Float32(128.0) if dtype == DType.bfloat16 else Float32(1024.0)
+    var units = s * n // 16
+    var sx = xp.unsafe_offset(s * n).unsafe_bitcast[Float32]()
+    var lane = Int(lane_id())
+    if warp_id() != 0:
+        return
+    for batch in range(bid, ceildiv(units, 32), blocks):  # warp-uniform: shuffles below
+        var u = 32 * batch + lane
+        var total = Float32(0)
+        if u < units:
+            var nat = bitcast[DType.uint32, 8](x.unsafe_load[width=16, alignment=16](16 * u))
+            var out = SIMD[DType.uint32, 8](0)
+            comptime for h in range(4):
+                var pair = b_words[2](nat, h)
+                comptime for e in range(2):
+                    var v = half2[dtype](pair[e])
+                    var scaled = v * Scalar[dtype](1.0 / Float64(1 << (2 * ((2 * h + e) % 3))))
+                    var vf, sf = v.cast[DType.float32](), scaled.cast[DType.float32]()
+                    total += base * (sf[0] + sf[1]) + 1.5 * (vf[0] + vf[1])
+                    out[2 * h + e] = bitcast[DType.uint32, 1](scaled)[0]
+            xp.unsafe_store[alignment=16](16 * u, bitcast[dtype, 16](out))
+        total += warp.shuffle_xor(total, 1)
+        total += warp.shuffle_xor(total, 2)
+        if u < units and lane % 4 == 0:
+            var token, chunk = u // (n // 16), (u % (n // 16)) // 4
+            sx[unsafe_offset=token * sx_row(n) + chunk] = total
 
 
 @always_inline
@@ -891,13 +1028,14 @@ def wait_for(sync: Pointer[Int64, _], count: Int):
 
 @always_inline
 def apply_block[
-    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, wide: Bool, fused: Bool
+    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, wide: Bool, fused: Bool, rings: Bool, use_xp: Bool
 ](
     bid: Int,
     red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
     y: Pointer[mut=True, Scalar[dtype], _],
     x: Pointer[Scalar[dtype], _],
+    xp: Pointer[Scalar[dtype], _],
     t_parts: Pointer[Float32, _],
     q_codes: Pointer[UInt8, _],
     q_scales: Pointer[Float16, _],
@@ -912,17 +1050,20 @@ def apply_block[
     sync: Pointer[Int64, _],
     wait_count: Int,
 ):
-    """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused`, t is ready once sync[0] = wait_count.
-    """
+    """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused`, t is ready once sync[0] = wait_count;
+    `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`)."""
     var w, lane = Int(warp_id()), Int(lane_id())
     comptime if not wide:  # one 16-row tile per block, its warps taking every WARPS-th K step of Q, then of L
         var acc = SIMD[DType.float32, 4](0)
-        decode_warp[bq, gq, dtype, B_X](acc, q_codes, q_scales, m, 16 * bid, n, w, WARPS, x, t_parts, s, xs)
+        comptime if use_xp:
+            decode_warp[bq, gq, dtype, B_X, True, True](acc, q_codes, q_scales, m, 16 * bid, n, w, WARPS, xp, t_parts, s, xs)
+        else:
+            decode_warp[bq, gq, dtype, B_X, rings](acc, q_codes, q_scales, m, 16 * bid, n, w, WARPS, x, t_parts, s, xs)
         if k > 0:
             comptime if fused:
                 wait_for(sync, wait_count)
             sum_t[dtype](t_parts, s, k, xs)
-            decode_warp[bl, gl, dtype, B_T](acc, l_data, l_scales, m, 16 * bid, k, w, WARPS, x, t_parts, s, xs)
+            decode_warp[bl, gl, dtype, B_T, rings](acc, l_data, l_scales, m, 16 * bid, k, w, WARPS, x, t_parts, s, xs)
         var r = reduce_warps(acc, red)
         var row = 16 * bid + r[2]
         if r[0] and row < m and r[3] < s:
@@ -949,22 +1090,26 @@ def launch_project[
     dtype: DType, //, br: Int, gr: Int
 ](
     t_parts: Pointer[mut=True, Float32, _],
+    xp: Pointer[mut=True, Scalar[dtype], _],
     x: Pointer[Scalar[dtype], _],
     r_data: Pointer[UInt8, _],
     r_scales: Pointer[Float16, _],
     s: Int,
     n: Int,
     k: Int,
+    xp_room: Bool,
     ctx: DeviceContext,
 ) raises:
-    """Stage 1: t_parts (P_SPLIT, s, k) float32, partial sums of x (s, n) · dequant(R)ᵀ over K segments."""
+    """Stage 1: t_parts (P_SPLIT, s, k) float32, partial sums of x (s, n) · dequant(R)ᵀ over K segments; xp
+    (`prepares_x`, where `xp_room`)."""
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
-    def kernel[wide: Bool]():
+    def kernel[wide: Bool]():  # (captures arguments only: a captured local `var` is read through a host address)
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
+        var prep = prepares_x(s, n, k, xp_room)
         project_block[br, gr, wide](
-            Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, s, n, k
+            Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, xp, prep, s, n, k
         )
 
     var smem = shared_bytes(s, k)
@@ -984,6 +1129,7 @@ def launch_apply[
 ](
     y: Pointer[mut=True, Scalar[dtype], _],
     x: Pointer[Scalar[dtype], _],
+    xp: Pointer[Scalar[dtype], _],
     t_parts: Pointer[Float32, _],
     q_codes: Pointer[UInt8, _],
     q_scales: Pointer[Float16, _],
@@ -995,29 +1141,43 @@ def launch_apply[
     n: Int,
     k: Int,
     has_bias: Bool,
+    xp_room: Bool,
     ctx: DeviceContext,
 ) raises:
-    """Stage 2: y (s, m) = x·dequant(Q)ᵀ + (Σ_p t_parts[p])·dequant(L)ᵀ (+ bias), one K loop over Q then L."""
+    """Stage 2: y (s, m) = x·dequant(Q)ᵀ + (Σ_p t_parts[p])·dequant(L)ᵀ (+ bias), one K loop over Q then L; Q's
+    activations from xp where `xp_fits`."""
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
-    def kernel[wide: Bool]():
+    def kernel[wide: Bool, rings: Bool, use_xp: Bool]():
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
-        apply_block[bq, gq, bl, gl, wide, False](
-            Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, y, x, t_parts, q_codes, q_scales, l_data, l_scales,
-            bias, s, m, n, k, has_bias, stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
+        apply_block[bq, gq, bl, gl, wide, False, rings, use_xp](
+            Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, y, x, xp, t_parts, q_codes, q_scales, l_data,
+            l_scales, bias, s, m, n, k, has_bias, stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
         )
 
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
-    if s <= SMALL_S:
-        ctx.enqueue_function[kernel[False]](
-            grid_dim=apply_blocks(s, m), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+    var blocks = apply_blocks(s, m)
+    if s > SMALL_S:
+        ctx.enqueue_function[kernel[True, False, False]](
+            grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
         )
-    else:
-        ctx.enqueue_function[kernel[True]](
-            grid_dim=apply_blocks(s, m), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+        return
+    comptime if bq == 2:
+        if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room):
+            ctx.enqueue_function[kernel[False, True, True]](
+                grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+            )
+            return
+    if all_ring[bq, gq, bl, gl](m, n, k):
+        ctx.enqueue_function[kernel[False, True, False]](
+            grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
         )
+        return
+    ctx.enqueue_function[kernel[False, False, False]](
+        grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+    )
 
 
 @always_inline
@@ -1039,6 +1199,7 @@ def launch_fused[
 ](
     y: Pointer[mut=True, Scalar[dtype], _],
     t_parts: Pointer[mut=True, Float32, _],
+    xp: Pointer[mut=True, Scalar[dtype], _],
     x: Pointer[Scalar[dtype], _],
     q_codes: Pointer[UInt8, _],
     q_scales: Pointer[Float16, _],
@@ -1053,9 +1214,11 @@ def launch_fused[
     n: Int,
     k: Int,
     has_bias: Bool,
+    xp_room: Bool,
     ctx: DeviceContext,
 ) raises:
-    """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b): one launch where `one_launch` says so, else stage 1 then stage 2.
+    """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b): one launch where `one_launch` says so, else stage 1 then stage 2
+    (which share xp, the prepared activations, where `xp_room`: a second scratch output).
 
     One launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait. t_parts
     (P_SPLIT, s, k) is the op's second output, a scratch buffer that the graph discards. Stage-1 blocks have the
@@ -1065,9 +1228,9 @@ def launch_fused[
     """
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
     if not one_launch(s, m, n, k):
-        launch_project[br, gr](t_parts, x, r_data, r_scales, s, n, k, ctx)
+        launch_project[br, gr](t_parts, xp, x, r_data, r_scales, s, n, k, xp_room, ctx)
         launch_apply[bq, gq, bl, gl](
-            y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k, has_bias, ctx
+            y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k, has_bias, xp_room, ctx
         )
         return
     var n_project = project_blocks(s, k) if k > 0 else 0
@@ -1081,14 +1244,14 @@ def launch_fused[
         var bid = Int(block_idx.x)
         var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
         if bid < np:
-            project_block[br, gr, wide](bid, red, xs, t_parts, x, r_data, r_scales, s, n, k)
+            project_block[br, gr, wide](bid, red, xs, t_parts, x, r_data, r_scales, xp, False, s, n, k)
             barrier()
             if thread_idx.x == 0:
                 fence[Ordering.RELEASE, scope="device"]()
                 _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
         else:
-            apply_block[bq, gq, bl, gl, wide, True](
-                bid - np, red, xs, y, x, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
+            apply_block[bq, gq, bl, gl, wide, True, False, False](
+                bid - np, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
                 has_bias_ != 0, sync, np,
             )
         if thread_idx.x == 0:

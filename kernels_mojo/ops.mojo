@@ -5,7 +5,8 @@ fp16 values as their bytes, (rows, 2·cols)) and `*_scales` fp16 (rows, ceil(col
 parts); no zero points. Parameters: `bq`/`gq` Q's bits and group size, `bl`/`gl` and `br`/`gr` L's and R's
 (bits 16: fp16). The rank k is R's row count (0: L and R are empty); `bias` is float32 (m,), or (0,) for none.
 Shapes: x (s, n) and y (s, m) in the activations' dtype; t (P, s, k) float32 holds P partial sums of x·Rᵀ
-(P = 1 on the CPU, gpu.P_SPLIT on the GPU).
+(P = 1 on the CPU, gpu.P_SPLIT on the GPU); xp (X, s, n) in x's dtype is scratch for the activations that the GPU's
+stage 1 prepares for stage 2 (X = gpu.XP_PARTS for 2-bit Q on the GPU, else 0: none).
 
     caldera_qlr_fused   y = x·dequant(Q)ᵀ + (x·dequant(R)ᵀ)·dequant(L)ᵀ + b in one op (one GPU launch)
     caldera_lr_project  t = x·dequant(R)ᵀ                                  (two-stage, stage 1)
@@ -17,7 +18,7 @@ from extensibility import InputTensor, OutputTensor, _MutableInputTensor as Muta
 from max.gpu.host import DeviceContext
 
 from .cpu import lr_project, qlr_apply, to_f32
-from .gpu import P_SPLIT, launch_apply, launch_fused, launch_project
+from .gpu import P_SPLIT, XP_PARTS, launch_apply, launch_fused, launch_project
 
 
 def _check_parts[target: StaticString](parts: Int) raises:
@@ -30,7 +31,7 @@ def _check_parts[target: StaticString](parts: Int) raises:
 @extensibility.register("caldera_qlr_fused")
 struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
     """`sync` (int64 (2,), zeros when created, then owned by the caller) orders the GPU launch's two phases;
-    `t` (P, s, k) float32 is scratch for x·Rᵀ (a second output that the graph discards)."""
+    `t` (P, s, k) float32 is scratch for x·Rᵀ and `xp` for the prepared activations (outputs the graph discards)."""
 
     @staticmethod
     def execute[
@@ -38,6 +39,7 @@ struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
     ](
         y: OutputTensor[rank=2, ...],
         t: OutputTensor[dtype=DType.float32, rank=3, ...],
+        xp: OutputTensor[dtype=y.dtype, rank=3, ...],
         x: InputTensor[dtype=y.dtype, rank=2, ...],
         q_codes: InputTensor[dtype=DType.uint8, rank=2, ...],
         q_scales: InputTensor[dtype=DType.float16, rank=2, ...],
@@ -64,9 +66,9 @@ struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
             )
         else:
             launch_fused[Self.bq, Self.gq, Self.bl, Self.gl, Self.br, Self.gr](
-                y.unsafe_ptr(), t.unsafe_ptr(), x.unsafe_ptr(), q_codes.unsafe_ptr(), q_scales.unsafe_ptr(), l_data.unsafe_ptr(),
-                l_scales.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), bias.unsafe_ptr(),
-                sync.unsafe_ptr(), s, m, n, k, has_bias, ctx,
+                y.unsafe_ptr(), t.unsafe_ptr(), xp.unsafe_ptr(), x.unsafe_ptr(), q_codes.unsafe_ptr(), q_scales.unsafe_ptr(),
+                l_data.unsafe_ptr(), l_scales.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), bias.unsafe_ptr(),
+                sync.unsafe_ptr(), s, m, n, k, has_bias, xp.dim_size(0) == XP_PARTS, ctx,
             )
 
 
@@ -77,7 +79,8 @@ struct LRProject[br: Int, gr: Int]:
         target: StaticString
     ](
         t: OutputTensor[dtype=DType.float32, rank=3, ...],
-        x: InputTensor[rank=2, ...],
+        xp: OutputTensor[rank=3, ...],
+        x: InputTensor[dtype=xp.dtype, rank=2, ...],
         r_data: InputTensor[dtype=DType.uint8, rank=2, ...],
         r_scales: InputTensor[dtype=DType.float16, rank=2, ...],
         ctx: DeviceContext,
@@ -91,7 +94,8 @@ struct LRProject[br: Int, gr: Int]:
             lr_project[Self.br, Self.gr](t.unsafe_ptr(), xf.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), s, n, k)
         else:
             launch_project[Self.br, Self.gr](
-                t.unsafe_ptr(), x.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), s, n, k, ctx
+                t.unsafe_ptr(), xp.unsafe_ptr(), x.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), s, n, k,
+                xp.dim_size(0) == XP_PARTS, ctx,
             )
 
 
@@ -104,6 +108,7 @@ struct QLRApply[bq: Int, gq: Int, bl: Int, gl: Int]:
         y: OutputTensor[rank=2, ...],
         x: InputTensor[dtype=y.dtype, rank=2, ...],
         t: InputTensor[dtype=DType.float32, rank=3, ...],
+        xp: InputTensor[dtype=y.dtype, rank=3, ...],
         q_codes: InputTensor[dtype=DType.uint8, rank=2, ...],
         q_scales: InputTensor[dtype=DType.float16, rank=2, ...],
         l_data: InputTensor[dtype=DType.uint8, rank=2, ...],
@@ -122,6 +127,7 @@ struct QLRApply[bq: Int, gq: Int, bl: Int, gl: Int]:
             )
         else:
             launch_apply[Self.bq, Self.gq, Self.bl, Self.gl](
-                y.unsafe_ptr(), x.unsafe_ptr(), t.unsafe_ptr(), q_codes.unsafe_ptr(), q_scales.unsafe_ptr(),
-                l_data.unsafe_ptr(), l_scales.unsafe_ptr(), bias.unsafe_ptr(), s, m, n, k, has_bias, ctx,
+                y.unsafe_ptr(), x.unsafe_ptr(), xp.unsafe_ptr(), t.unsafe_ptr(), q_codes.unsafe_ptr(),
+                q_scales.unsafe_ptr(), l_data.unsafe_ptr(), l_scales.unsafe_ptr(), bias.unsafe_ptr(), s, m, n, k,
+                has_bias, xp.dim_size(0) == XP_PARTS, ctx,
             )

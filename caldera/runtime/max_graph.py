@@ -38,6 +38,8 @@ KERNELS = Path(os.environ.get("CALDERA_KERNELS", Path(__file__).resolve().parent
 """The Mojo package of the ops: a source folder (precompiled once per process) or a .mojoc."""
 T_PARTS_GPU = 8
 """Partial sums of t = x̃ Rᵀ on the GPU: kernels_mojo/gpu.mojo's P_SPLIT (the CPU writes one)."""
+XP_PARTS_GPU = 2
+"""Rows of the prepared-activations scratch for 2-bit Q on the GPU: kernels_mojo/gpu.mojo's XP_PARTS (else none)."""
 
 DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
 
@@ -185,11 +187,13 @@ def linear_op(impl: Impl, spec: KernelSpec, ref: DeviceRef, x: TensorValue, inpu
     y_type = TensorType(x.dtype, [x.shape[0], qc.shape[0]], device=ref)
     parts = 1 if ref.is_cpu() else T_PARTS_GPU
     t_type = TensorType(DType.float32, [parts, x.shape[0], rd.shape[0]], device=ref)  # x̃ Rᵀ, P partial sums
+    xp_parts = XP_PARTS_GPU if not ref.is_cpu() and spec.bq == 2 else 0
+    xp_type = TensorType(x.dtype, [xp_parts, x.shape[0], x.shape[1]], device=ref)  # stage 1's prepared x̃ (scratch)
     if impl == "fused":
         values, params = [x, qc, qs, ld, ls, rd, rs, bias, sync], spec.parameters("q", "l", "r")
-        return ops.inplace_custom("caldera_qlr_fused", ref, values, [y_type, t_type], params)[0].tensor
-    t = ops.custom("caldera_lr_project", ref, [x, rd, rs], [t_type], spec.parameters("r"))[0]
-    values = [x, t, qc, qs, ld, ls, bias]
+        return ops.inplace_custom("caldera_qlr_fused", ref, values, [y_type, t_type, xp_type], params)[0].tensor
+    t, xp = ops.custom("caldera_lr_project", ref, [x, rd, rs], [t_type, xp_type], spec.parameters("r"))
+    values = [x, t, xp, qc, qs, ld, ls, bias]
     return ops.custom("caldera_qlr_apply", ref, values, [y_type], spec.parameters("q", "l"))[0].tensor
 
 
