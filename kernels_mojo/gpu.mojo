@@ -5,7 +5,8 @@ m16n8k16 (bf16 or fp16 operands, float32 accumulators). Lane 4g + q reads 16 byt
 g + 8 per K step: a chunk of 128/bits consecutive columns inside one quantization group, so one scale per row and
 chunk. The mma's logical k indices are mapped onto the chunk's columns in the order in which a shift, a mask and an
 OR with the exponent bits of 2^7 (bf16) or 2^10 (fp16) turn two codes of a 32-bit word into one bf16x2/f16x2
-register: columns (j, j + 16/bits). The activations (B operand) are paired to the same order by byte permutes.
+register: columns (j, j + 16/bits). The activations (B operand) are paired to the same order by byte permutes,
+or at decode with 2-bit Q arrive so ordered from stage 1 (`prepare_x`, read with `code_pair`'s one-LOP3 decode).
 The weights are read as docs/FORMAT.md stores them. K steps cover 4 chunks (256 columns at 2 bits, 128 at 4, 32 at
 16).
 
