@@ -31,6 +31,7 @@ from std.sys import inlined_assembly
 from max.gpu import barrier, block_idx, grid_dim, lane_id, thread_idx, warp_id
 from max.gpu.memory import async_copy, async_copy_commit_group, async_copy_wait_group, external_memory
 from max.gpu.primitives import warp
+from max.gpu.primitives.grid_controls import PDLLevel, launch_dependent_grids, pdl_launch_attributes, wait_on_dependent_grids
 from max.gpu.sync import syncwarp
 from max.gpu.compute.mma import mma
 from max.gpu.host import DeviceContext, FuncAttribute
@@ -46,7 +47,7 @@ comptime NT_WIDE = 8
 comptime X_WORDS = 32 * 256
 """Wide launch: 32-bit words of one staged activation step (64 tokens × 256 columns of 16-bit values)."""
 comptime SMS = 132
-"""Streaming multiprocessors of the H100 SXM the launch rule was measured on (`one_launch`)."""
+"""Streaming multiprocessors of the H100 SXM the tile rule was measured on (`decode_tiles`)."""
 comptime RING = 4
 """Decode: K steps of codes (and their scales) in flight per warp, copied into shared memory (cp.async)."""
 comptime RING_ROW = 20
@@ -63,6 +64,10 @@ comptime XP_PARTS = 2
 (`prepare_x`): part 0 the prepared x, part 1 from its start the chunk sums sx (s, `sx_row`(n)) float32."""
 comptime ZERO = Scalar[DType.uint8](0)
 """cp.async's fill: with it, the bytes past `src_size` are zeroed (without it `src_size` is ignored)."""
+comptime ISSUE_ALL = 0
+comptime ISSUE_CODES = 1
+comptime ISSUE_X = 2
+"""What `ring_issue` copies of a K step: everything, the codes and scales only, or the activations only."""
 comptime B_X = 0
 comptime B_T = 1
 comptime B_SHARED = 2
@@ -574,7 +579,7 @@ def ring_fits[bits: Int, group: Int](nrows: Int, row0: Int, ncols: Int) -> Bool:
 
 @always_inline
 def ring_issue[
-    bits: Int, group: Int, dtype: DType, x_ring: Bool, xp: Bool
+    bits: Int, group: Int, dtype: DType, x_ring: Bool, xp: Bool, part: Int = ISSUE_ALL
 ](
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
@@ -589,7 +594,8 @@ def ring_issue[
     """Start copying K step `step` of a 16-row tile (codes and scales) into ring slot `slot`; with `x_ring`, also the
     step's columns of the s tokens' activations (token t at word (slot·s + t)·X_ROW of the ring's activation area);
     with `xp`, x is xp's part 0 and each token row's last 4 words get the step's sx. Whatever lies past the row's
-    end (a last step of fewer than 4 chunks) arrives as zeros: cp.async with a source size of 0."""
+    end (a last step of fewer than 4 chunks) arrives as zeros: cp.async with a source size of 0. `part`: all of
+    it, or only the codes and scales (`ISSUE_CODES`) or only the activations (`ISSUE_X`)."""
     comptime sbytes = step_scale_bytes[bits, group]()
     comptime chunk = chunk_cols[bits]()
     var lane = Int(lane_id())
@@ -600,11 +606,12 @@ def ring_issue[
     var src = row.unsafe_offset(step * 64 + 16 * q) if q < chunks else row
     var dst = ring.unsafe_bitcast[UInt8]().unsafe_offset(((slot * 16 + g) * RING_ROW + 4 * q) * 4)
     var size = Int32(16 if q < chunks else 0)
-    async_copy[16, fill=ZERO](src.address_space_cast[AddressSpace.GLOBAL](), dst, src_size=size)
-    async_copy[16, fill=ZERO](
-        src.unsafe_offset(8 * row_bytes).address_space_cast[AddressSpace.GLOBAL](), dst.unsafe_offset(8 * RING_ROW * 4), src_size=size
-    )
-    comptime if sbytes >= 4:  # (`ring_fits` takes no other tile)
+    comptime if part != ISSUE_X:
+        async_copy[16, fill=ZERO](src.address_space_cast[AddressSpace.GLOBAL](), dst, src_size=size)
+        async_copy[16, fill=ZERO](
+            src.unsafe_offset(8 * row_bytes).address_space_cast[AddressSpace.GLOBAL](), dst.unsafe_offset(8 * RING_ROW * 4), src_size=size
+        )
+    comptime if sbytes >= 4 and part != ISSUE_X:  # (`ring_fits` takes no other tile)
         comptime per_row = sbytes // 4  # 4-byte pieces: lanes q < 2·per_row of the quad copy one each
         if q < 2 * per_row:
             var r, piece = q // per_row, q % per_row
@@ -617,7 +624,7 @@ def ring_issue[
                 scale_words.unsafe_offset((slot * 16 + g + 8 * r) * 2 + piece).unsafe_bitcast[UInt8](),
                 src_size=Int32(2 * valid),
             )
-    comptime if x_ring:
+    comptime if x_ring and part != ISSUE_CODES:
         comptime pieces = step_cols[bits]() // 8  # 16-byte pieces of one token's step: 32 or 16
         var xw = ring.unsafe_offset(RING_WORDS + slot * s * X_ROW)
         var col = step * step_cols[bits]() + 8 * lane
@@ -639,6 +646,44 @@ def ring_issue[
 
 
 @always_inline
+def warp_ring(xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED], s: Int) -> type_of(xs):
+    """This warp's decode ring in the block's shared memory (after the cross-warp sums)."""
+    return xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words(s))
+
+
+@always_inline
+def warp_steps[bits: Int](ncols: Int, step0: Int, stride: Int) -> Int:
+    """K steps step0, step0 + stride, … of a row of ncols columns."""
+    var nsteps = ceildiv(ncols, step_cols[bits]())
+    return ceildiv(nsteps - step0, stride) if step0 < nsteps else 0
+
+
+@always_inline
+def ring_prefetch[
+    bits: Int, group: Int, dtype: DType
+](
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    x: Pointer[Scalar[dtype], _],
+    row0: Int,
+    ncols: Int,
+    step0: Int,
+    stride: Int,
+    s: Int,
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+):
+    """Start copying the codes and scales of this warp's first RING - 1 K steps into its ring (uncommitted: the
+    first of `ring_warp`'s groups completes them), before the activations they meet are ready (x is not read)."""
+    var ring = warp_ring(xs, s)
+    var mine = warp_steps[bits](ncols, step0, stride)
+    comptime for i in range(RING - 1):
+        if i < mine:
+            ring_issue[bits, group, dtype, False, False, ISSUE_CODES](
+                data, scales, x, row0, ncols, step0 + i * stride, i, ring, s
+            )
+
+
+@always_inline
 def ring_warp[
     bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool, xp: Bool
 ](
@@ -652,24 +697,26 @@ def ring_warp[
     x: Pointer[Scalar[dtype], _],
     s: Int,
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+    ahead: Bool,
 ):
     """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales (and with `x_ring` its activations)
     reach shared memory by cp.async RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in
-    flight without holding registers. With `xp`, x is xp (`prepare_x`)."""
-    var ring = xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words(s))
+    flight without holding registers. With `xp`, x is xp (`prepare_x`). With `ahead`, the first steps' codes are
+    already on their way (`ring_prefetch`)."""
+    var ring = warp_ring(xs, s)
     var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))  # t, for B_T (`sum_t`)
     comptime cpg = chunks_per_group[bits, group]()
-    var nsteps = ceildiv(ncols, step_cols[bits]())
-    var mine = ceildiv(nsteps - step0, stride) if step0 < nsteps else 0
+    var mine = warp_steps[bits](ncols, step0, stride)
     var lane = Int(lane_id())
     var g, q = lane // 4, lane % 4
     var scale_halves = ring.unsafe_offset(RING * 16 * RING_ROW).unsafe_bitcast[Float16]()
     syncwarp()  # the ring's previous reads (an earlier call) are done
     comptime for i in range(RING - 1):
         if i < mine:
-            ring_issue[bits, group, dtype, x_ring, xp](
-                data, scales, x, row0, ncols, step0 + i * stride, i, ring, s
-            )
+            if ahead:
+                ring_issue[bits, group, dtype, x_ring, xp, ISSUE_X](data, scales, x, row0, ncols, step0 + i * stride, i, ring, s)
+            else:
+                ring_issue[bits, group, dtype, x_ring, xp](data, scales, x, row0, ncols, step0 + i * stride, i, ring, s)
         async_copy_commit_group()
     for i in range(mine):
         syncwarp()  # every lane is done with the slot refilled next
@@ -714,12 +761,14 @@ def decode_warp[
     t_parts: Pointer[Float32, _],
     s: Int,
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+    ahead: Bool = False,
 ):
     """Decode: acc += W[row0 : row0 + 16, K steps step0, step0 + stride, …] · B[0 : 8]ᵀ.
 
     B: x (B_X), or t (B_T) summed into shared memory by `sum_t` (from t_parts for 16-bit parts). With `all_ring`
     every tile takes the ring (`all_ring`: the kernel then holds no code for the others, and fewer registers); with
-    `xp`, x is xp (`prepare_x`).
+    `xp`, x is xp (`prepare_x`). `ahead`: `ring_prefetch` has requested the first steps' codes (the tile takes the
+    ring and B_X has s ≤ RING_X_TOKENS).
     """
     comptime cols = step_cols[bits]()
     var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))
@@ -732,7 +781,7 @@ def decode_warp[
             mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
     else:
         comptime if xp and b_src == B_X:
-            ring_warp[bits, group, dtype, b_src, True, True](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
+            ring_warp[bits, group, dtype, b_src, True, True](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
             return
         comptime if not all_ring:
             if not ring_fits[bits, group](nrows, row0, ncols):  # warp-uniform
@@ -746,9 +795,9 @@ def decode_warp[
                 return
         comptime if b_src == B_X:
             if ring_x_tokens(s) > 0:
-                ring_warp[bits, group, dtype, b_src, True, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
+                ring_warp[bits, group, dtype, b_src, True, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
                 return
-        ring_warp[bits, group, dtype, b_src, False, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs)
+        ring_warp[bits, group, dtype, b_src, False, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs, False)
 
 
 @always_inline
@@ -852,21 +901,24 @@ def fragment_coords(lane: Int, i: Int) -> Tuple[Int, Int]:
 
 @always_inline
 def reduce_warps(
-    acc: SIMD[DType.float32, 4], red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED]
+    acc: SIMD[DType.float32, 4], red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED], tiles: Int = 1
 ) -> Tuple[Bool, Float32, Int, Int]:
-    """Decode: one 16×8 C fragment summed over the block's warps; (holder, value, row, token) for threads < 128."""
+    """Decode: `tiles` 16×8 C fragments, each summed over its WARPS / tiles consecutive warps; (holder, value, row in
+    the block's 16·tiles rows, token) for threads < 128·tiles."""
+    var per = WARPS // tiles
     var tid = Int(thread_idx.x)
     var w, lane = Int(warp_id()), Int(lane_id())
     comptime for i in range(4):
         red[unsafe_offset=(w * 32 + lane) * 4 + i] = acc[i]
     barrier()
-    if tid >= 128:
+    if tid >= 128 * tiles:
         return (False, Float32(0), 0, 0)
+    var tile, e = tid // 128, tid % 128
     var total = Float32(0)
-    for ww in range(WARPS):
-        total += red[unsafe_offset=ww * 128 + tid]
-    var rc = fragment_coords(tid // 4, tid % 4)
-    return (True, total, rc[0], rc[1])
+    for ww in range(per):
+        total += red[unsafe_offset=(tile * per + ww) * 128 + e]
+    var rc = fragment_coords(e // 4, e % 4)
+    return (True, total, 16 * tile + rc[0], rc[1])
 
 
 @always_inline
@@ -884,10 +936,17 @@ def project_blocks(s: Int, k: Int) -> Int:
 
 
 @always_inline
+def decode_tiles(m: Int) -> Int:
+    """16-row tiles per block of stage 2 at decode: two where there are enough (m ≥ 32·SMS rows; H100, 8192 and
+    29568 rows: 1-5 µs faster than one, four slower), else one."""
+    return 2 if m >= 32 * SMS else 1
+
+
+@always_inline
 def apply_blocks(s: Int, m: Int) -> Int:
     """Blocks of stage 2 (a 1-D grid)."""
     if s <= SMALL_S:
-        return ceildiv(m, 16)
+        return ceildiv(m, 16 * decode_tiles(m))
     return ceildiv(m, 16 * WARPS) * passes(s)
 
 
@@ -913,12 +972,17 @@ def project_block[
     var w, lane = Int(warp_id()), Int(lane_id())
     var p = bid % P_SPLIT
     comptime if not wide:  # one 16-row tile per block, its warps taking every (P_SPLIT·WARPS)-th K step
+        var rt = bid // P_SPLIT
+        var ahead = False
+        comptime if br < 16:  # R's first codes on their way while warp 0 prepares x
+            ahead = prep and ring_fits[br, gr](k, 16 * rt, n)
+            if ahead:
+                ring_prefetch[br, gr](r_data, r_scales, x, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, s, xs)
         if prep:
             prepare_x(x, xp, s, n, bid, project_blocks(s, k))
-        var rt = bid // P_SPLIT
         var acc = SIMD[DType.float32, 4](0)
         decode_warp[br, gr, dtype, B_X, False](
-            acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, xs
+            acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, xs, ahead
         )
         var r = reduce_warps(acc, red)
         var row = 16 * rt + r[2]
@@ -1028,8 +1092,29 @@ def wait_for(sync: Pointer[Int64, _], count: Int):
 
 
 @always_inline
+def retire(sync: Pointer[mut=True, Int64, _]):
+    """One launch, at a block's end: count it in sync[1]; the grid's last block resets both counters, so the
+    caller's buffer is zero again for the next launch."""
+    if thread_idx.x == 0:
+        var done = sync.unsafe_offset(1)
+        var arrived = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1)
+        if arrived == Int64(grid_dim.x) - 1:
+            Atomic[Int64, scope="device"].store(sync, 0)
+            Atomic[Int64, scope="device"].store(done, 0)
+
+
+@always_inline
 def apply_block[
-    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, wide: Bool, fused: Bool, rings: Bool, use_xp: Bool
+    dtype: DType,
+    //,
+    bq: Int,
+    gq: Int,
+    bl: Int,
+    gl: Int,
+    wide: Bool,
+    fused: Bool,
+    rings: Bool,
+    use_xp: Bool,
 ](
     bid: Int,
     red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
@@ -1052,21 +1137,37 @@ def apply_block[
     wait_count: Int,
 ):
     """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused`, t is ready once sync[0] = wait_count;
-    `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`)."""
+    `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`). At decode, launched dependent on
+    stage 1 (programmatic dependent launch): Q's first codes are requested while stage 1 runs; xp, t and y wait
+    for its end. (Waiting for xp alone, counted per stage-1 block, measured slower: 26.8-28.0 µs against
+    22.9-24.3 on 8192², H100.)"""
     var w, lane = Int(warp_id()), Int(lane_id())
-    comptime if not wide:  # one 16-row tile per block, its warps taking every WARPS-th K step of Q, then of L
+    comptime if not wide:  # `decode_tiles` 16-row tiles per block, each with WARPS / tiles warps taking every
+        # (WARPS / tiles)-th K step of Q, then of L (a tile past m, in the last block, is skipped)
+        var tiles = decode_tiles(m)
+        var per = WARPS // tiles
+        var row0, ws = 16 * (bid * tiles + w // per), w % per
         var acc = SIMD[DType.float32, 4](0)
         comptime if use_xp:
-            decode_warp[bq, gq, dtype, B_X, True, True](acc, q_codes, q_scales, m, 16 * bid, n, w, WARPS, xp, t_parts, s, xs)
+            if row0 < m:
+                ring_prefetch[bq, gq](q_codes, q_scales, xp, row0, n, ws, per, s, xs)
+            wait_on_dependent_grids()
+            if row0 < m:
+                decode_warp[bq, gq, dtype, B_X, True, True](
+                    acc, q_codes, q_scales, m, row0, n, ws, per, xp, t_parts, s, xs, ahead=True
+                )
         else:
-            decode_warp[bq, gq, dtype, B_X, rings](acc, q_codes, q_scales, m, 16 * bid, n, w, WARPS, x, t_parts, s, xs)
+            if row0 < m or not rings:
+                decode_warp[bq, gq, dtype, B_X, rings](acc, q_codes, q_scales, m, row0, n, ws, per, x, t_parts, s, xs)
+        wait_on_dependent_grids()  # t, and y's memory, belong to stage 1 until it ends
         if k > 0:
             comptime if fused:
                 wait_for(sync, wait_count)
             sum_t[dtype](t_parts, s, k, xs)
-            decode_warp[bl, gl, dtype, B_T, rings](acc, l_data, l_scales, m, 16 * bid, k, w, WARPS, x, t_parts, s, xs)
-        var r = reduce_warps(acc, red)
-        var row = 16 * bid + r[2]
+            if row0 < m or not rings:
+                decode_warp[bl, gl, dtype, B_T, rings](acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs)
+        var r = reduce_warps(acc, red, tiles)
+        var row = 16 * tiles * bid + r[2]
         if r[0] and row < m and r[3] < s:
             var b = bias[unsafe_offset=row] if has_bias else Float32(0)
             y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
@@ -1102,15 +1203,19 @@ def launch_project[
     ctx: DeviceContext,
 ) raises:
     """Stage 1: t_parts (P_SPLIT, s, k) float32, partial sums of x (s, n) · dequant(R)ᵀ over K segments; xp
-    (`prepares_x`, where `xp_room`)."""
+    (`prepares_x`, where `xp_room`). At decode its blocks let the next launch (stage 2) start at once
+    (programmatic dependent launch)."""
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
     def kernel[wide: Bool]():  # (captures arguments only: a captured local `var` is read through a host address)
+        comptime if not wide:
+            launch_dependent_grids()
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         var prep = prepares_x(s, n, k, xp_room)
         project_block[br, gr, wide](
-            Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, xp, prep, s, n, k
+            Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, xp, prep, s, n,
+            k,
         )
 
     var smem = shared_bytes(s, k)
@@ -1146,7 +1251,8 @@ def launch_apply[
     ctx: DeviceContext,
 ) raises:
     """Stage 2: y (s, m) = x·dequant(Q)ᵀ + (Σ_p t_parts[p])·dequant(L)ᵀ (+ bias), one K loop over Q then L; Q's
-    activations from xp where `xp_fits`."""
+    activations from xp where `xp_fits`. At decode it is launched dependent on the previous launch, stage 1
+    (programmatic dependent launch): it starts while stage 1 runs and waits for it only where it must."""
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
@@ -1160,6 +1266,9 @@ def launch_apply[
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     var blocks = apply_blocks(s, m)
+    # launched dependent on the previous launch only when that is stage 1 (k > 0): everything read before the waits
+    # (codes, scales, x) was then complete before stage 1 started
+    var after_stage1 = 1 if k > 0 else 0
     if s > SMALL_S:
         ctx.enqueue_function[kernel[True, False, False]](
             grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
@@ -1168,16 +1277,19 @@ def launch_apply[
     comptime if bq == 2:
         if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room):
             ctx.enqueue_function[kernel[False, True, True]](
-                grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+                grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+                attributes=pdl_launch_attributes(PDLLevel(after_stage1)),  # xp_fits: stage 1 ran (k > 0)
             )
             return
     if all_ring[bq, gq, bl, gl](m, n, k):
         ctx.enqueue_function[kernel[False, True, False]](
-            grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+            grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+            attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
         )
         return
     ctx.enqueue_function[kernel[False, False, False]](
-        grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+        grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+        attributes=pdl_launch_attributes(PDLLevel(1)),
     )
 
 
@@ -1186,13 +1298,11 @@ def one_launch(s: Int, m: Int, n: Int, k: Int) -> Bool:
     """Whether the fused op runs both stages in one launch rather than two (stage 1, then stage 2).
 
     Chosen by measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster on every
-    shape at s = 128 and, at decode, where the stage-2 blocks are few (m = 1024: 64 blocks, the stage-1 blocks use
-    otherwise idle SMs); two launches were faster at decode everywhere else (the one-launch kernel holds both
-    stages' registers, 138 against 106, so one block per SM instead of two).
+    shape at s = 128; at decode two launches, since stage 2 starts while stage 1 runs (programmatic dependent
+    launch), on every shape (m = 1024 too: 10.8-16.1 µs against 12.6-16.9 in one launch), and the one-launch kernel
+    holds both stages' registers.
     """
-    if s > SMALL_S or k == 0:
-        return True
-    return apply_blocks(s, m) < 2 * SMS
+    return s > SMALL_S or k == 0
 
 
 def launch_fused[
@@ -1255,12 +1365,7 @@ def launch_fused[
                 bid - np, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
                 has_bias_ != 0, sync, np,
             )
-        if thread_idx.x == 0:
-            var done = sync.unsafe_offset(1)
-            var arrived = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1)
-            if arrived == Int64(grid_dim.x) - 1:
-                Atomic[Int64, scope="device"].store(sync, 0)
-                Atomic[Int64, scope="device"].store(done, 0)
+        retire(sync)
 
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in

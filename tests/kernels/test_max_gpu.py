@@ -27,9 +27,11 @@ CASES = {
     "fp16-factors-fp16": (80, 96, {"rank": 8, "bl": 16, "br": 16}, torch.float16),
     "q4-groups128-fp16": (48, 416, {"rank": 12, "bq": 4, "group_size": 128, "incoherence": False}, torch.float16),
     "q2-lr2-bf16": (40, 320, {"rank": 20, "bl": 2, "br": 2}, torch.bfloat16),
-    # 265 row tiles: the fused op runs two launches, so (like the two-stage op) stage 2 reads stage 1's prepared x;
-    # 896 columns end in a K step of 2 chunks (zero-filled in the ring)
+    # 265 row tiles, two per stage-2 block at decode (the last block's second one is past m); stage 2 reads stage
+    # 1's prepared x; 896 columns end in a K step of 2 chunks (zero-filled in the ring)
     "two-launches-fp16": (4240, 896, {"rank": 128, "bias": True}, torch.float16),
+    # two tiles per block, the last one with 10 rows: the guarded loads of the mixed kernel
+    "ragged-two-tiles-bf16": (4250, 200, {"rank": 8}, torch.bfloat16),
 }
 ROWS = (1, 2, 5, 9, 130)  # decode (activations in the ring up to 2 tokens), wide launch with one and three token passes
 
