@@ -11,9 +11,11 @@ The weights are read as docs/FORMAT.md stores them. K steps cover 4 chunks (256 
 16).
 
 Launch shapes:
-    s ≤ SMALL_S (decode)  block = one 16-row tile, its 8 warps take every 8th K step, each with a cp.async ring of
-                          its next steps' codes, scales and (s ≤ RING_X_TOKENS) activations in shared memory;
-                          partial sums meet in shared memory
+    s ≤ SMALL_S (decode)  block = one or two 16-row tiles (`decode_tiles`), each tile's 8 or 4 warps take every 8th
+                          or 4th K step, each with a cp.async ring of its next steps' codes, scales and
+                          (s ≤ RING_X_TOKENS) activations in shared memory; partial sums meet in shared memory.
+                          Stage 2 is launched dependent on stage 1 (programmatic dependent launch): its first codes
+                          are requested while stage 1 still runs
     larger s              block = 8 row tiles (a warp each, 128 rows) × 64 tokens over all K steps: the block
                           stages each step's activation tile in shared memory already permuted into mma B
                           fragments (one 8-byte load per lane and mma, the tile read from global memory once per
