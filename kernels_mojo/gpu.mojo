@@ -1094,18 +1094,6 @@ def wait_for(sync: Pointer[Int64, _], count: Int):
 
 
 @always_inline
-def retire(sync: Pointer[mut=True, Int64, _]):
-    """One launch, at a block's end: count it in sync[1]; the grid's last block resets both counters, so the
-    caller's buffer is zero again for the next launch."""
-    if thread_idx.x == 0:
-        var done = sync.unsafe_offset(1)
-        var arrived = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1)
-        if arrived == Int64(grid_dim.x) - 1:
-            Atomic[Int64, scope="device"].store(sync, 0)
-            Atomic[Int64, scope="device"].store(done, 0)
-
-
-@always_inline
 def apply_block[
     dtype: DType,
     //,
@@ -1138,7 +1126,8 @@ def apply_block[
     sync: Pointer[Int64, _],
     wait_count: Int,
 ):
-    """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused`, t is ready once sync[0] = wait_count;
+    """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused` (one launch, s > SMALL_S), t is ready
+    once sync[0] = wait_count;
     `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`). At decode, launched dependent on
     stage 1 (programmatic dependent launch): Q's first codes are requested while stage 1 runs; xp, t and y wait
     for its end. (Waiting for xp alone, counted per stage-1 block, measured slower: 26.8-28.0 µs against
@@ -1163,8 +1152,6 @@ def apply_block[
                 decode_warp[bq, gq, dtype, B_X, rings](acc, q_codes, q_scales, m, row0, n, ws, per, x, t_parts, s, xs)
         wait_on_dependent_grids()  # t, and y's memory, belong to stage 1 until it ends
         if k > 0:
-            comptime if fused:
-                wait_for(sync, wait_count)
             sum_t[dtype](t_parts, s, k, xs)
             if row0 < m or not rings:
                 decode_warp[bl, gl, dtype, B_T, rings](acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs)
@@ -1295,18 +1282,6 @@ def launch_apply[
     )
 
 
-@always_inline
-def one_launch(s: Int, m: Int, n: Int, k: Int) -> Bool:
-    """Whether the fused op runs both stages in one launch rather than two (stage 1, then stage 2).
-
-    Chosen by measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster on every
-    shape at s = 128; at decode two launches, since stage 2 starts while stage 1 runs (programmatic dependent
-    launch), on every shape (m = 1024 too: 10.8-16.1 µs against 12.6-16.9 in one launch), and the one-launch kernel
-    holds both stages' registers.
-    """
-    return s > SMALL_S or k == 0
-
-
 def launch_fused[
     dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int
 ](
@@ -1330,8 +1305,11 @@ def launch_fused[
     xp_room: Bool,
     ctx: DeviceContext,
 ) raises:
-    """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b): one launch where `one_launch` says so, else stage 1 then stage 2
-    (which share xp, the prepared activations, where `xp_room`: a second scratch output).
+    """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b). At decode: stage 1 (with a low-rank part), then stage 2 launched
+    dependent on it (they share xp, the prepared activations, where `xp_room`: a second scratch output). Larger s:
+    one launch. Chosen by measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster
+    on every shape at s = 128; at decode two launches were, on every shape once stage 2 started while stage 1 runs
+    (m = 1024: 10.8-16.1 µs against 12.6-16.9 in one launch; the one-launch kernel holds both stages' registers).
 
     One launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait. t_parts
     (P_SPLIT, s, k) is the op's second output, a scratch buffer that the graph discards. Stage-1 blocks have the
@@ -1340,8 +1318,9 @@ def launch_fused[
     sync[1], and the last one resets both counters for the next launch.
     """
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
-    if not one_launch(s, m, n, k):
-        launch_project[br, gr](t_parts, xp, x, r_data, r_scales, s, n, k, xp_room, ctx)
+    if s <= SMALL_S:
+        if k > 0:
+            launch_project[br, gr](t_parts, xp, x, r_data, r_scales, s, n, k, xp_room, ctx)
         launch_apply[bq, gq, bl, gl](
             y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k, has_bias, xp_room, ctx
         )
@@ -1351,33 +1330,32 @@ def launch_fused[
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
-    def kernel[wide: Bool](s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
+    def kernel(s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         var red = xs.unsafe_bitcast[Float32]()
         var bid = Int(block_idx.x)
         var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
         if bid < np:
-            project_block[br, gr, wide](bid, red, xs, t_parts, x, r_data, r_scales, xp, False, s, n, k)
+            project_block[br, gr, True](bid, red, xs, t_parts, x, r_data, r_scales, xp, False, s, n, k)
             barrier()
             if thread_idx.x == 0:
                 fence[Ordering.RELEASE, scope="device"]()
                 _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
         else:
-            apply_block[bq, gq, bl, gl, wide, True, False, False](
+            apply_block[bq, gq, bl, gl, True, True, False, False](
                 bid - np, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
                 has_bias_ != 0, sync, np,
             )
-        retire(sync)
+        if thread_idx.x == 0:
+            var done = sync.unsafe_offset(1)
+            var arrived = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](done, 1)
+            if arrived == Int64(grid_dim.x) - 1:
+                Atomic[Int64, scope="device"].store(sync, 0)
+                Atomic[Int64, scope="device"].store(done, 0)
 
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
-    if s <= SMALL_S:
-        ctx.enqueue_function[kernel[False]](
-            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS,
-            shared_mem_bytes=smem, func_attribute=attr,
-        )
-    else:
-        ctx.enqueue_function[kernel[True]](
-            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS,
-            shared_mem_bytes=smem, func_attribute=attr,
-        )
+    ctx.enqueue_function[kernel](
+        Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS,
+        shared_mem_bytes=smem, func_attribute=attr,
+    )
