@@ -6,6 +6,8 @@
 set -euo pipefail
 dir="${SASS_DIR:-/tmp/caldera-sass}"
 rm -rf "$dir" && mkdir -p "$dir"
+# MAX caches compiled graphs by graph, not by kernel source: a cache of our own, so edited kernels are recompiled
+export MODULAR_CACHE_DIR="$dir/cache"
 python3 - "$dir" <<'PY'
 import sys, torch
 from pathlib import Path

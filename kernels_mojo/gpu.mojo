@@ -51,7 +51,8 @@ comptime X_WORDS = 32 * 256
 comptime SMS = 132
 """Streaming multiprocessors of the H100 SXM the tile rule was measured on (`decode_tiles`)."""
 comptime RING = 4
-"""Decode: K steps of codes (and their scales) in flight per warp, copied into shared memory (cp.async)."""
+"""Decode: K steps of codes (and their scales) in flight per warp, copied into shared memory (cp.async); a power of
+two (slots are step indices masked by RING - 1)."""
 comptime RING_ROW = 20
 """Words of one row's slot: 64 code bytes padded to 80, so a warp's word reads hit 32 distinct banks."""
 comptime RING_WORDS = RING * 16 * (RING_ROW + 2)
@@ -63,7 +64,10 @@ comptime X_ROW = 132
 by 16 bytes so that two tokens' rows start in different banks."""
 comptime XP_PARTS = 2
 """Decode with 2-bit Q: stage 1 prepares x for stage 2 in xp (XP_PARTS, s, n) of the activations' dtype
-(`prepare_x`): part 0 the prepared x, part 1 from its start the chunk sums sx (s, `sx_row`(n)) float32."""
+(`prepare_x`): part 0 the prepared x, part 1 from its start the negated chunk sums sx (`sx_floats`(n)) float32."""
+comptime SX_WORDS = 16
+"""Words of a ring slot's sx (with `xp`, after the tokens' rows): per chunk of the step, the mma C fragment that
+starts its sum (`prepare_x`)."""
 comptime ZERO = Scalar[DType.uint8](0)
 """cp.async's fill: with it, the bytes past `src_size` are zeroed (without it `src_size` is ignored)."""
 comptime ISSUE_ALL = 0
@@ -83,9 +87,15 @@ def ring_x_tokens(s: Int) -> Int:
 
 
 @always_inline
+def x_slot_words(s: Int) -> Int:
+    """Words of one ring slot's activations for s tokens: the tokens' rows and sx (none without `ring_x_tokens`)."""
+    return ring_x_tokens(s) * X_ROW + (SX_WORDS if ring_x_tokens(s) > 0 else 0)
+
+
+@always_inline
 def ring_words(s: Int) -> Int:
     """Shared words of one warp's decode ring for s tokens: codes and scales, then the activations."""
-    return RING_WORDS + RING * ring_x_tokens(s) * X_ROW
+    return RING_WORDS + RING * x_slot_words(s)
 
 
 @always_inline
@@ -506,8 +516,8 @@ def decode_step[
     gives Σx over the chunk's columns, and acc += scale·(Σ(2^e + c)x − (2^e + offset)·Σx). B: with `b_shared`, the
     step's 16-bit values in shared memory from word xw on, token rows xrow words apart (the ring's activations or
     t); otherwise x in global memory. With `xp` (2-bit, the ring's activations prepared by `prepare_x`): the words
-    are B fragments already, A comes from `code_pair`, and each token row's words 128 … 131 hold the chunks' sx,
-    so acc += scale·(Σ A·B − sx) without the all-ones mma.
+    are B fragments already, A comes from `code_pair`, and the SX_WORDS after the s token rows hold each chunk's
+    −sx as a C fragment that its mmas start from, so acc += scale·(−sx + Σ A·B) without the all-ones mma.
     """
     comptime chunk = chunk_cols[bits]()  # 64 or 32 columns, inside one group
     comptime mmas = chunk // 16  # per chunk: 4 or 2 (two per 16/bits columns of a word)
@@ -522,11 +532,6 @@ def decode_step[
     var xr = x.unsafe_offset(min(token, s - 1) * ncols)
     var xt = min(token, s - 1) * xrow
     var magic = magic_word[dtype](s)
-    var sx0 = SIMD[DType.float32, 4](0)  # xp: the chunks' sx of tokens 2q and 2q + 1 (acc's columns)
-    var sx1 = SIMD[DType.float32, 4](0)
-    comptime if xp:
-        sx0 = bitcast[DType.float32, 4](xw.unsafe_load[width=4, alignment=16](min(2 * q, s - 1) * xrow + 128))
-        sx1 = bitcast[DType.float32, 4](xw.unsafe_load[width=4, alignment=16](min(2 * q + 1, s - 1) * xrow + 128))
     comptime for j in range(4):
         var col = (4 * step + j) * chunk + q * (chunk // 4)
         var n0: SIMD[DType.uint32, 4]
@@ -548,6 +553,8 @@ def decode_step[
         var nat = n0.join(n1)
         var wa, wb = words[j], words[4 + j]
         var tmp = SIMD[DType.float32, 4](0)
+        comptime if xp:  # the chunk's −sx as the C fragment the mmas start from
+            tmp = bitcast[DType.float32, 4](xw.unsafe_load[width=4, alignment=16](s * xrow + 4 * j))
         var tx = SIMD[DType.float32, 4](0)
         comptime for h in range(mmas):
             comptime if xp:
@@ -564,7 +571,7 @@ def decode_step[
                 mma(tx, ones, b, tx)
         var scale = SIMD[DType.float32, 4](sc[j], sc[j], sc[4 + j], sc[4 + j])
         comptime if xp:
-            acc += scale * (tmp - SIMD[DType.float32, 4](sx0[j], sx1[j], sx0[j], sx1[j]))
+            acc += scale * tmp
         else:
             acc += scale * (tmp - (base + offset) * tx)
 
@@ -581,7 +588,7 @@ def ring_fits[bits: Int, group: Int](nrows: Int, row0: Int, ncols: Int) -> Bool:
 
 @always_inline
 def ring_issue[
-    bits: Int, group: Int, dtype: DType, x_ring: Bool, xp: Bool, part: Int = ISSUE_ALL
+    bits: Int, group: Int, dtype: DType, x_ring: Bool, xp: Bool, part: Int = ISSUE_ALL, whole: Bool = False
 ](
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
@@ -594,20 +601,22 @@ def ring_issue[
     s: Int,
 ):
     """Start copying K step `step` of a 16-row tile (codes and scales) into ring slot `slot`; with `x_ring`, also the
-    step's columns of the s tokens' activations (token t at word (slot·s + t)·X_ROW of the ring's activation area);
-    with `xp`, x is xp's part 0 and each token row's last 4 words get the step's sx. Whatever lies past the row's
+    step's columns of the s tokens' activations (token t at word slot·`x_slot_words`(s) + t·X_ROW of the ring's
+    activation area); with `xp`, x is xp's part 0 and the SX_WORDS after the tokens' rows get the step's sx. Whatever lies past the row's
     end (a last step of fewer than 4 chunks) arrives as zeros: cp.async with a source size of 0. `part`: all of
-    it, or only the codes and scales (`ISSUE_CODES`) or only the activations (`ISSUE_X`)."""
+    it, or only the codes and scales (`ISSUE_CODES`) or only the activations (`ISSUE_X`). `whole`: the caller
+    knows the step has all 4 chunks (`ring_copy`), so no size or bound is computed."""
     comptime sbytes = step_scale_bytes[bits, group]()
     comptime chunk = chunk_cols[bits]()
     var lane = Int(lane_id())
     var g, q = lane // 4, lane % 4
     var row_bytes, groups = ceildiv(ncols * bits, 8), ceildiv(ncols, group)
-    var chunks = ncols // chunk - 4 * step  # of this step, if under 4
-    var row = data.unsafe_offset((row0 + g) * row_bytes)
-    var src = row.unsafe_offset(step * 64 + 16 * q) if q < chunks else row
+    var chunks = 4 if whole else ncols // chunk - 4 * step  # of this step, if under 4
+    var st = UInt32(step)  # step-dependent offsets in 32 bits (one wide multiply-add each), bases in 64
+    var row = data.unsafe_offset((row0 + g) * row_bytes + 16 * q)
+    var src = row.unsafe_offset(Int(st * 64)) if whole or q < chunks else row
     var dst = ring.unsafe_bitcast[UInt8]().unsafe_offset(((slot * 16 + g) * RING_ROW + 4 * q) * 4)
-    var size = Int32(16 if q < chunks else 0)
+    var size = Int32(16 if whole or q < chunks else 0)
     comptime if part != ISSUE_X:
         async_copy[16, fill=ZERO](src.address_space_cast[AddressSpace.GLOBAL](), dst, src_size=size)
         async_copy[16, fill=ZERO](
@@ -618,9 +627,10 @@ def ring_issue[
         if q < 2 * per_row:
             var r, piece = q // per_row, q % per_row
             var first = step_group[bits, group](step) + 2 * piece  # the piece's first group
-            var valid = min(max(groups - first, 0), 2)
+            var valid = 2 if whole else min(max(groups - first, 0), 2)
             var scale_words = ring.unsafe_offset(RING * 16 * RING_ROW)
-            var ssrc = scales.unsafe_offset((row0 + g + 8 * r) * groups + (first if valid > 0 else 0))
+            var ssrc = scales.unsafe_offset((row0 + g + 8 * r) * groups + 2 * piece)
+            ssrc = ssrc.unsafe_offset(Int(UInt32(step_group[bits, group](step)))) if valid > 0 else scales
             async_copy[4, fill=ZERO](
                 ssrc.unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
                 scale_words.unsafe_offset((slot * 16 + g + 8 * r) * 2 + piece).unsafe_bitcast[UInt8](),
@@ -628,23 +638,48 @@ def ring_issue[
             )
     comptime if x_ring and part != ISSUE_CODES:
         comptime pieces = step_cols[bits]() // 8  # 16-byte pieces of one token's step: 32 or 16
-        var xw = ring.unsafe_offset(RING_WORDS + slot * s * X_ROW)
-        var col = step * step_cols[bits]() + 8 * lane
+        var xw = ring.unsafe_offset(RING_WORDS + slot * x_slot_words(s))
+        var col = Int(st * UInt32(step_cols[bits]()))
+        var inside = whole or col + 8 * lane < ncols
         comptime for t in range(RING_X_TOKENS):
             if t < s and lane < pieces:
+                var xl = x.unsafe_offset(t * ncols + 8 * lane)
                 async_copy[16, fill=ZERO](
-                    x.unsafe_offset(t * ncols + (col if col < ncols else 0)).unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
+                    (xl.unsafe_offset(col) if inside else x).unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
                     xw.unsafe_offset(t * X_ROW + 4 * lane).unsafe_bitcast[UInt8](),
-                    src_size=Int32(16 if col < ncols else 0),
+                    src_size=Int32(16 if inside else 0),
                 )
         comptime if xp:
-            if lane < s:  # sx (s, sx_row) starts at xp's part 1; a step has 4 chunks
-                var sx = x.unsafe_offset(s * ncols).unsafe_bitcast[Float32]().unsafe_offset(lane * sx_row(ncols))
+            if lane < 4:  # sx starts at xp's part 1: 16 bytes per chunk, a step has 4
+                var sx = x.unsafe_offset(s * ncols).unsafe_bitcast[Float32]().unsafe_offset(4 * lane)
+                var inside_sx = whole or lane < chunks
                 async_copy[16, fill=ZERO](
-                    sx.unsafe_offset(4 * step if chunks > 0 else 0).unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
-                    xw.unsafe_offset(lane * X_ROW + 128).unsafe_bitcast[UInt8](),
-                    src_size=Int32(4 * min(max(chunks, 0), 4)),
+                    (sx.unsafe_offset(Int(st * 16)) if inside_sx else sx).unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
+                    xw.unsafe_offset(s * X_ROW + 4 * lane).unsafe_bitcast[UInt8](),
+                    src_size=Int32(16 if inside_sx else 0),
                 )
+
+
+@always_inline
+def ring_copy[
+    bits: Int, group: Int, dtype: DType, x_ring: Bool, xp: Bool, part: Int = ISSUE_ALL
+](
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    x: Pointer[Scalar[dtype], _],
+    row0: Int,
+    ncols: Int,
+    step: Int,
+    slot: Int,
+    ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+    s: Int,
+):
+    """`ring_issue`, built twice: for a step of 4 whole chunks (every step but a row's last: no bounds computed
+    per copy) and for the rest."""
+    if step < ncols // step_cols[bits]():  # warp-uniform (the division is loop-invariant)
+        ring_issue[bits, group, dtype, x_ring, xp, part, True](data, scales, x, row0, ncols, step, slot, ring, s)
+    else:
+        ring_issue[bits, group, dtype, x_ring, xp, part, False](data, scales, x, row0, ncols, step, slot, ring, s)
 
 
 @always_inline
@@ -680,7 +715,7 @@ def ring_prefetch[
     var mine = warp_steps[bits](ncols, step0, stride)
     comptime for i in range(RING - 1):
         if i < mine:
-            ring_issue[bits, group, dtype, False, False, ISSUE_CODES](
+            ring_copy[bits, group, dtype, False, False, ISSUE_CODES](
                 data, scales, x, row0, ncols, step0 + i * stride, i, ring, s
             )
 
@@ -716,21 +751,22 @@ def ring_warp[
     comptime for i in range(RING - 1):
         if i < mine:
             if ahead:
-                ring_issue[bits, group, dtype, x_ring, xp, ISSUE_X](data, scales, x, row0, ncols, step0 + i * stride, i, ring, s)
+                ring_copy[bits, group, dtype, x_ring, xp, ISSUE_X](data, scales, x, row0, ncols, step0 + i * stride, i, ring, s)
             else:
-                ring_issue[bits, group, dtype, x_ring, xp](data, scales, x, row0, ncols, step0 + i * stride, i, ring, s)
+                ring_copy[bits, group, dtype, x_ring, xp](data, scales, x, row0, ncols, step0 + i * stride, i, ring, s)
         async_copy_commit_group()
+    var ahead_step = step0 + (RING - 1) * stride  # the step issued in iteration i
     for i in range(mine):
         syncwarp()  # every lane is done with the slot refilled next
         if i + RING - 1 < mine:
-            ring_issue[bits, group, dtype, x_ring, xp](
-                data, scales, x, row0, ncols, step0 + (i + RING - 1) * stride, (i + RING - 1) % RING,
-                ring, s,
+            ring_copy[bits, group, dtype, x_ring, xp](
+                data, scales, x, row0, ncols, ahead_step, (i + RING - 1) & (RING - 1), ring, s
             )
+        ahead_step += stride
         async_copy_commit_group()
         async_copy_wait_group(RING - 1)  # step i's group is complete
         syncwarp()
-        var slot = i % RING
+        var slot = i & (RING - 1)
         var words = SIMD[DType.uint32, 8](0)
         var sc = SIMD[DType.float32, 8](0)
         comptime for r in range(2):
@@ -743,7 +779,7 @@ def ring_warp[
             var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
             decode_step[bits, dtype, True](acc, words, sc, ncols, step, x, s, tw, t_row(ncols))
         else:
-            var xw = ring.unsafe_offset(RING_WORDS + slot * s * X_ROW)
+            var xw = ring.unsafe_offset(RING_WORDS + slot * x_slot_words(s))
             decode_step[bits, dtype, x_ring, xp](acc, words, sc, ncols, step, x, s, xw, X_ROW)
 
 
@@ -1025,9 +1061,9 @@ def prepares_x(s: Int, n: Int, k: Int, room: Bool) -> Bool:
 
 
 @always_inline
-def sx_row(n: Int) -> Int:
-    """Floats of one token's row of sx: n/64 chunk sums, padded to whole K steps (16 bytes) for cp.async."""
-    return ceildiv(n, 256) * 4
+def sx_floats(n: Int) -> Int:
+    """Floats of sx: 4 per 64-column chunk, padded to whole K steps (4 chunks)."""
+    return ceildiv(n, 256) * 16
 
 
 @always_inline
@@ -1036,8 +1072,10 @@ def prepare_x[
 ](x: Pointer[Scalar[dtype], _], xp: Pointer[mut=True, Scalar[dtype], _], s: Int, n: Int, bid: Int, blocks: Int):
     """Stage 1's share of xp (`prepares_x`), block `bid` of `blocks`: part 0 (s, n) is x with each 16 columns in the
     order of `b_words[2]`'s words (columns 2h + e, 2h + e + 8 in word 2h + e), divided by 4^((2h + e) mod 3) as
-    `code_pair` needs; sx (s, `sx_row`) float32 holds per token and 64-column chunk Σ (2^e·x' + 1.5·x), the term that
-    `decode_step` subtracts. Warp 0 of the block takes 32·16 columns at a time, four consecutive lanes a chunk."""
+    `code_pair` needs; sx (`sx_floats`) float32 holds per 64-column chunk −Σ (2^e·x' + 1.5·x) of tokens (0, 1, 0, 1)
+    (token 1 is token 0 where s = 1): the C fragment that `decode_step` starts the chunk's mmas from, whose columns
+    2q, 2q + 1 are tokens 0 and 1 in lane q = 0 (the other lanes' columns are never written). Warp 0 of the block
+    takes 32·16 columns at a time, four consecutive lanes a chunk."""
     comptime base = Float32(128.0) if dtype == DType.bfloat16 else Float32(1024.0)
     var units = s * n // 16
     var sx = xp.unsafe_offset(s * n).unsafe_bitcast[Float32]()
@@ -1063,7 +1101,9 @@ def prepare_x[
         total += warp.shuffle_xor(total, 2)
         if u < units and lane % 4 == 0:
             var token, chunk = u // (n // 16), (u % (n // 16)) // 4
-            sx[unsafe_offset=token * sx_row(n) + chunk] = total
+            comptime for e in range(4):
+                if min(e % 2, s - 1) == token:
+                    sx[unsafe_offset=4 * chunk + e] = -total
 
 
 @always_inline
@@ -1082,6 +1122,16 @@ def sum_t[
                 total += t_parts[unsafe_offset=(p * s + token) * k + c]
         ts[e] = total.cast[dtype]()
     barrier()
+
+
+@always_inline
+def prefetch_span(p: Pointer[UInt8, _], first: Int, last: Int):
+    """Block-wide: ask L2 for bytes [first, last) of p (PTX prefetch.global.L2, a 128-byte line per thread and
+    pass); nothing waits for it."""
+    for off in range((first // 128 + Int(thread_idx.x)) * 128, last, THREADS * 128):
+        inlined_assembly["prefetch.global.L2 [$0];", NoneType, constraints="l", has_side_effect=True](
+            p.unsafe_offset(off)
+        )
 
 
 @always_inline
@@ -1139,6 +1189,13 @@ def apply_block[
         var per = WARPS // tiles
         var row0, ws = 16 * (bid * tiles + w // per), w % per
         var acc = SIMD[DType.float32, 4](0)
+        if k > 0:  # the block's rows of L (and their scales) on their way to L2 while Q is read
+            var r0, r1 = 16 * tiles * bid, min(16 * tiles * (bid + 1), m)
+            var lrb = ceildiv(k * bl, 8)
+            prefetch_span(l_data, r0 * lrb, r1 * lrb)
+            comptime if bl < 16:
+                var lsb = ceildiv(k, gl) * 2
+                prefetch_span(l_scales.unsafe_bitcast[UInt8](), r0 * lsb, r1 * lsb)
         comptime if use_xp:
             if row0 < m:
                 ring_prefetch[bq, gq](q_codes, q_scales, xp, row0, n, ws, per, s, xs)

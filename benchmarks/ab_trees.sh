@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# A/B of kernel trees on the GPU host (after .gpu/env/activate.sh): bash benchmarks/ab_trees.sh TAG...
+# Prints `caldera bench` medians per TAG. The part of TAG before "-" names a copy of the tree under .gpu/ (e.g. .gpu/old
+# from `git archive HEAD caldera kernels_mojo pyproject.toml`)
+# (else this tree). Each tree compiles into its own MAX cache (MAX caches by graph, not by kernel source).
+root=$PWD
+for tag in "$@"; do
+  base=${tag%%-*}; tree=$root; [ -d "$root/.gpu/$base" ] && tree=$root/.gpu/$base
+  ( cd "$tree" && MODULAR_CACHE_DIR=/tmp/mc-$base PYTHONPATH="$tree:/tmp/site" \
+      timeout 200 python3 -m caldera bench --seq ${SEQ:-1} --device gpu --impls ${IMPLS:-fused,dense} --json \
+      > "/tmp/bench-$tag.jsonl" 2> "/tmp/bench-$tag.err" ) || { echo "bench $tag failed"; tail -n 5 "/tmp/bench-$tag.err"; }
+  python3 - "/tmp/bench-$tag.jsonl" "$tag" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+print(sys.argv[2], "  ".join(f"{r['shape'][0]}x{r['shape'][1]} {r['impl'][:5]} {r['median_us']:.1f}" for r in rows if "median_us" in r), flush=True)
+PY
+done
