@@ -32,6 +32,9 @@ CASES = {
     "two-launches-fp16": (4240, 896, {"rank": 128, "bias": True}, torch.float16),
     # two tiles per block, the last one with 10 rows: the guarded loads of the mixed kernel
     "ragged-two-tiles-bf16": (4250, 200, {"rank": 8}, torch.bfloat16),
+    # wide launch with wgmma for 4-bit Q (8 slices a K step) and 2-bit factors; 200 rows: the second block's last
+    # warpgroup holds 8 rows; 1000 columns end in a partial K step
+    "q4-wgmma-bf16": (200, 1000, {"rank": 24, "bq": 4, "bl": 2, "br": 2, "incoherence": False}, torch.bfloat16),
 }
 ROWS = (1, 2, 5, 9, 130)  # decode (activations in the ring up to 2 tokens), wide launch with one and three token passes
 
