@@ -18,7 +18,9 @@ from extensibility import InputTensor, OutputTensor, _MutableInputTensor as Muta
 from max.gpu.host import DeviceContext
 
 from .cpu import lr_project, qlr_apply, to_f32
-from .gpu import P_SPLIT, XP_PARTS, launch_apply, launch_fused, launch_project
+from .gpu import launch_apply, launch_fused, launch_project
+from .gpu_decode import XP_PARTS
+from .gpu_tiles import P_SPLIT
 
 
 def _check_parts[target: StaticString](parts: Int) raises:

@@ -37,9 +37,9 @@ IMPLS: tuple[Impl, ...] = ("fused", "two_stage")
 KERNELS = Path(os.environ.get("CALDERA_KERNELS", Path(__file__).resolve().parents[2] / "kernels_mojo"))
 """The Mojo package of the ops: a source folder (precompiled once per process) or a .mojoc."""
 T_PARTS_GPU = 8
-"""Partial sums of t = x̃ Rᵀ on the GPU: kernels_mojo/gpu.mojo's P_SPLIT (the CPU writes one)."""
+"""Partial sums of t = x̃ Rᵀ on the GPU: kernels_mojo/gpu_tiles.mojo's P_SPLIT (the CPU writes one)."""
 XP_PARTS_GPU = 2
-"""Rows of the prepared-activations scratch for 2-bit Q on the GPU: kernels_mojo/gpu.mojo's XP_PARTS (else none)."""
+"""Rows of the prepared-activations scratch for 2-bit Q on the GPU: gpu_decode.mojo's XP_PARTS (else none)."""
 
 DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
 

@@ -1,6 +1,6 @@
 """The GPU branch of the ops compiles for the H100 (sm_90a) through MAX's virtual device: no GPU needed.
 
-A compile error in kernels_mojo/gpu.mojo fails this test (CI has no GPU). It runs in a subprocess because
+A compile error in kernels_mojo/gpu*.mojo fails this test (CI has no GPU). It runs in a subprocess because
 virtual-device mode is process-wide. The GPU numbers themselves are checked on the H100 (runbook step 03).
 """
 

@@ -1,0 +1,168 @@
+"""GPU kernels, decode (s ≤ SMALL_S): a 16-row tile's K loop (`decode_warp`), the block's cross-warp sums, and what
+stage 1 prepares for stage 2 (`prepare_x`, `sum_t`)."""
+
+from std.math import ceildiv
+from std.memory import AddressSpace, bitcast
+
+from max.gpu import barrier, lane_id, thread_idx, warp_id
+from max.gpu.primitives import warp
+
+from .gpu_tiles import (
+    B_T,
+    B_X,
+    P_SPLIT,
+    THREADS,
+    WARPS,
+    b_words,
+    chunk_cols,
+    fragment_coords,
+    half2,
+    load_step,
+    mma_step,
+    step_cols,
+)
+from .gpu_codes import decode_codes, decode_step
+from .gpu_ring import ring_fits, ring_warp, ring_words, ring_x_tokens, t_row
+
+comptime XP_PARTS = 2
+"""Decode with 2-bit Q: stage 1 prepares x for stage 2 in xp (XP_PARTS, s, n) of the activations' dtype
+(`prepare_x`): part 0 the prepared x, part 1 from its start the negated chunk sums sx (`sx_floats`(n)) float32."""
+@always_inline
+def decode_warp[
+    bits: Int, group: Int, dtype: DType, b_src: Int, all_ring: Bool, xp: Bool = False
+](
+    mut acc: SIMD[DType.float32, 4],
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    nrows: Int,
+    row0: Int,
+    ncols: Int,
+    step0: Int,
+    stride: Int,
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+    ahead: Bool = False,
+):
+    """Decode: acc += W[row0 : row0 + 16, K steps step0, step0 + stride, …] · B[0 : 8]ᵀ.
+
+    B: x (B_X), or t (B_T) summed into shared memory by `sum_t` (from t_parts for 16-bit parts). With `all_ring`
+    every tile takes the ring (`all_ring`: the kernel then holds no code for the others, and fewer registers); with
+    `xp`, x is xp (`prepare_x`). `ahead`: `ring_prefetch` has requested the first steps' codes (the tile takes the
+    ring and B_X has s ≤ RING_X_TOKENS).
+    """
+    comptime cols = step_cols[bits]()
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))
+    var q, ra = Int(lane_id()) % 4, row0 + Int(lane_id()) // 4
+    var nsteps = ceildiv(ncols, cols)
+    comptime if bits == 16:
+        for step in range(step0, nsteps, stride):
+            var col0 = step * cols + q * chunk_cols[bits]()
+            var c = load_step[bits, group](data, scales, ra, nrows, ncols, col0)
+            mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
+    else:
+        comptime if xp and b_src == B_X:
+            ring_warp[bits, group, dtype, b_src, True, True](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
+            return
+        comptime if not all_ring:
+            if not ring_fits[bits, group](nrows, row0, ncols):  # warp-uniform
+                for step in range(step0, nsteps, stride):
+                    var c = decode_codes[bits, group](data, scales, ra, nrows, ncols, step)
+                    comptime if b_src == B_T:
+                        var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
+                        decode_step[bits, dtype, True](acc, c[0], c[1], ncols, step, x, s, tw, t_row(ncols))
+                    else:
+                        decode_step[bits, dtype, False](acc, c[0], c[1], ncols, step, x, s, xs, 0)
+                return
+        comptime if b_src == B_X:
+            if ring_x_tokens(s) > 0:
+                ring_warp[bits, group, dtype, b_src, True, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
+                return
+        ring_warp[bits, group, dtype, b_src, False, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs, False)
+
+
+@always_inline
+def reduce_warps(
+    acc: SIMD[DType.float32, 4], red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED], tiles: Int = 1
+) -> Tuple[Bool, Float32, Int, Int]:
+    """Decode: `tiles` 16×8 C fragments, each summed over its WARPS / tiles consecutive warps; (holder, value, row in
+    the block's 16·tiles rows, token) for threads < 128·tiles."""
+    var per = WARPS // tiles
+    var tid = Int(thread_idx.x)
+    var w, lane = Int(warp_id()), Int(lane_id())
+    comptime for i in range(4):
+        red[unsafe_offset=(w * 32 + lane) * 4 + i] = acc[i]
+    barrier()
+    if tid >= 128 * tiles:
+        return (False, Float32(0), 0, 0)
+    var tile, e = tid // 128, tid % 128
+    var total = Float32(0)
+    for ww in range(per):
+        total += red[unsafe_offset=(tile * per + ww) * 128 + e]
+    var rc = fragment_coords(e // 4, e % 4)
+    return (True, total, 16 * tile + rc[0], rc[1])
+
+
+@always_inline
+def sx_floats(n: Int) -> Int:
+    """Floats of sx: 4 per 64-column chunk, padded to whole K steps (4 chunks)."""
+    return ceildiv(n, 256) * 16
+
+
+@always_inline
+def prepare_x[
+    dtype: DType
+](x: Pointer[Scalar[dtype], _], xp: Pointer[mut=True, Scalar[dtype], _], s: Int, n: Int, bid: Int, blocks: Int):
+    """Stage 1's share of xp (`prepares_x`), block `bid` of `blocks`: part 0 (s, n) is x with each 16 columns in the
+    order of `b_words[2]`'s words (columns 2h + e, 2h + e + 8 in word 2h + e), divided by 4^((2h + e) mod 3) as
+    `code_pair` needs; sx (`sx_floats`) float32 holds per 64-column chunk −Σ (2^e·x' + 1.5·x) of tokens (0, 1, 0, 1)
+    (token 1 is token 0 where s = 1): the C fragment that `decode_step` starts the chunk's mmas from, whose columns
+    2q, 2q + 1 are tokens 0 and 1 in lane q = 0 (the other lanes' columns are never written). Warp 0 of the block
+    takes 32·16 columns at a time, four consecutive lanes a chunk."""
+    comptime base = Float32(128.0) if dtype == DType.bfloat16 else Float32(1024.0)
+    var units = s * n // 16
+    var sx = xp.unsafe_offset(s * n).unsafe_bitcast[Float32]()
+    var lane = Int(lane_id())
+    if warp_id() != 0:
+        return
+    for batch in range(bid, ceildiv(units, 32), blocks):  # warp-uniform: shuffles below
+        var u = 32 * batch + lane
+        var total = Float32(0)
+        if u < units:
+            var nat = bitcast[DType.uint32, 8](x.unsafe_load[width=16, alignment=16](16 * u))
+            var out = SIMD[DType.uint32, 8](0)
+            comptime for h in range(4):
+                var pair = b_words[2](nat, h)
+                comptime for e in range(2):
+                    var v = half2[dtype](pair[e])
+                    var scaled = v * Scalar[dtype](1.0 / Float64(1 << (2 * ((2 * h + e) % 3))))
+                    var vf, sf = v.cast[DType.float32](), scaled.cast[DType.float32]()
+                    total += base * (sf[0] + sf[1]) + 1.5 * (vf[0] + vf[1])
+                    out[2 * h + e] = bitcast[DType.uint32, 1](scaled)[0]
+            xp.unsafe_store[alignment=16](16 * u, bitcast[dtype, 16](out))
+        total += warp.shuffle_xor(total, 1)
+        total += warp.shuffle_xor(total, 2)
+        if u < units and lane % 4 == 0:
+            var token, chunk = u // (n // 16), (u % (n // 16)) // 4
+            comptime for e in range(4):
+                if min(e % 2, s - 1) == token:
+                    sx[unsafe_offset=4 * chunk + e] = -total
+
+
+@always_inline
+def sum_t[
+    dtype: DType
+](t_parts: Pointer[Float32, _], s: Int, k: Int, xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED]):
+    """Decode, block-wide: t = Σ_p t_parts[p] (s, k) rounded to `dtype` into shared memory after the rings, each
+    token's row `t_row(k)` words long and zero past k, for `decode_warp`'s B_T."""
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s)).unsafe_bitcast[Scalar[dtype]]()
+    var row = 2 * t_row(k)
+    for e in range(Int(thread_idx.x), s * row, THREADS):
+        var token, c = e // row, e % row
+        var total = Float32(0)
+        if c < k:
+            for p in range(P_SPLIT):
+                total += t_parts[unsafe_offset=(p * s + token) * k + c]
+        ts[e] = total.cast[dtype]()
+    barrier()
