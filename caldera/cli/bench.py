@@ -22,6 +22,9 @@ def bench(
     impls: Annotated[str, typer.Option(help="Comma list of fused, two_stage, unfused_torch, dense.")] = (
         "fused,two_stage,unfused_torch,dense"
     ),
+    projections: Annotated[
+        str | None, typer.Option(help="Comma list of projections to time, e.g. q_proj,down_proj (default: all).")
+    ] = None,
     sets: Annotated[int | None, typer.Option(help="Weight sets to rotate (default: 2× the L2; 2 on a CPU).")] = None,
     iters: Annotated[int, typer.Option(help="Timed samples on a GPU.")] = 50,
     json_out: JsonOpt = False,
@@ -44,8 +47,10 @@ def bench(
             fail("--device gpu: no CUDA device here")
     try:
         shapes = bk.model_shapes(shape)
+        if projections is not None:
+            shapes = shapes.only([p for p in projections.split(",") if p])
     except (FileNotFoundError, KeyError) as e:
-        fail(str(e))
+        fail(str(e).strip("'\""))
     cfg = bk.BenchConfig(seq, kind, chosen, sets=sets, iters=iters)
     result = bk.run(shapes, cfg, progress=lambda s: say(f"bench {s} (seq {seq}, {kind})", json_out))
     for row in result.rows:

@@ -53,6 +53,12 @@ class ModelShapes:
     def distinct(self) -> list[tuple[int, int]]:
         return list(dict.fromkeys(self.linears.values()))
 
+    def only(self, names: list[str]) -> ModelShapes:
+        """The projections ``names`` alone (a layer stack's tokens/s then needs the rest: none is computed)."""
+        if unknown := [n for n in names if n not in self.linears]:
+            raise KeyError(f"unknown projection {unknown[0]!r}; choose from {', '.join(self.linears)}")
+        return ModelShapes(self.name, self.layers, {n: self.linears[n] for n in self.linears if n in names})
+
 
 QWEN2_72B = ModelShapes.from_config(
     "qwen2-72b",
@@ -274,7 +280,10 @@ def bench_shape(shape: tuple[int, int], cfg: BenchConfig, copy: float) -> list[B
 
 
 def tokens_per_second(rows: list[BenchRow], shapes: ModelShapes, seq: int) -> dict[str, float]:
-    """Per impl: seq / (layers × Σ over one layer's projections of median_us), in tokens/s."""
+    """Per impl: seq / (layers × Σ over one layer's projections of median_us), in tokens/s; none unless ``shapes``
+    holds all of a layer's projections."""
+    if list(shapes.linears) != list(PROJECTIONS):
+        return {}
     times = {(r.impl, tuple(r.shape)): r.median_us for r in rows}
     out = {}
     for impl in dict.fromkeys(r.impl for r in rows):
@@ -320,9 +329,11 @@ class BenchResult:
                 f"| {shape[0]}×{shape[1]} | {r.impl} | {r.median_us:.1f} | {r.gbps:.0f} | {r.pct_copy:.0f} |"
                 f" {dense} | {unfused} | {r.rel_err:.2e} |"
             )
-        lines += ["", f"Tokens/s of a {self.shapes.layers}-layer stack of these projections (seq {self.cfg.seq}):", ""]
-        lines += ["| impl | tokens/s |", "|---|---:|"]
-        lines += [f"| {impl} | {tps:.3g} |" for impl, tps in self.tokens_per_s.items()]
+        if self.tokens_per_s:
+            stack = f"Tokens/s of a {self.shapes.layers}-layer stack of these projections (seq {self.cfg.seq}):"
+            lines += ["", stack, ""]
+            lines += ["| impl | tokens/s |", "|---|---:|"]
+            lines += [f"| {impl} | {tps:.3g} |" for impl, tps in self.tokens_per_s.items()]
         lines += [f"\n{impl} ran eagerly (no device graph): {why}" for impl, why in EAGER.items()]
         return "\n".join(lines) + "\n"
 

@@ -36,6 +36,7 @@ def test_every_impl_matches_float64_and_is_timed():
         (["--seq", "1", "--impls", "fused,bogus"], "unknown impl 'bogus'"),
         (["--seq", "1", "--device", "tpu"], "--device 'tpu'"),
         (["--seq", "1", "--shape", "/no/such/model", "--device", "cpu"], "neither 'qwen2-72b'"),
+        (["--seq", "1", "--device", "cpu", "--projections", "q_proj,bogus"], "unknown projection 'bogus'"),
     ],
 )
 def test_bad_options_are_named(args, message):
@@ -57,3 +58,15 @@ def test_json_rows_of_the_torch_impls(tmp_path):
     }
     assert all(r["rel_err"] < 1e-5 and r["seq"] == 2 and r["median_us"] > 0 for r in rows)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench-seq2-cpu.csv", "bench-seq2-cpu.md"]
+
+
+def test_projections_time_only_those_shapes(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96, "num_hidden_layers": 2})
+    )
+    args = ["bench", "--seq", "2", "--shape", str(tmp_path), "--device", "cpu", "--impls", "dense"]
+    result = CliRunner().invoke(app, [*args, "--projections", "down_proj", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "out" / "bench-seq2-cpu.md").read_text()
+    assert "| 64×96 | dense |" in table and "64×64" not in table
+    assert "Tokens/s" not in table  # a layer stack needs every projection
