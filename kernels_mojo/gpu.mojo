@@ -50,6 +50,8 @@ from .gpu_wide import X_WORDS, wide_part
 
 comptime SMS = 132
 """Streaming multiprocessors of the H100 SXM the tile rule was measured on (`decode_tiles`)."""
+
+
 @always_inline
 def shared_bytes(s: Int, k: Int) -> Int:
     """Dynamic shared memory of a launch: the wide tile, or at decode the cross-warp sums, each warp's ring and t."""

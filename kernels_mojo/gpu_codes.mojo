@@ -12,6 +12,8 @@ from .gpu_tiles import b_words, chunk_cols, chunks_per_group, half2, load_x8, st
 comptime SX_WORDS = 16
 """Words of a ring slot's sx (with `xp`, after the tokens' rows): per chunk of the step, the mma C fragment that
 starts its sum (`prepare_x`)."""
+
+
 @always_inline
 def load_word(row: Pointer[UInt8, _], byte0: Int, row_bytes: Int, valid: Bool, aligned: Bool) -> UInt32:
     """Bytes [byte0, byte0 + 4) of a packed row as one word; zeros past the row's end or for a missing row."""

@@ -27,6 +27,8 @@ from .gpu_ring import ring_fits, ring_warp, ring_words, ring_x_tokens, t_row
 comptime XP_PARTS = 2
 """Decode with 2-bit Q: stage 1 prepares x for stage 2 in xp (XP_PARTS, s, n) of the activations' dtype
 (`prepare_x`): part 0 the prepared x, part 1 from its start the negated chunk sums sx (`sx_floats`(n)) float32."""
+
+
 @always_inline
 def decode_warp[
     bits: Int, group: Int, dtype: DType, b_src: Int, all_ring: Bool, xp: Bool = False

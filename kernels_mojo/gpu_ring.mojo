@@ -24,6 +24,8 @@ comptime ISSUE_ALL = 0
 comptime ISSUE_CODES = 1
 comptime ISSUE_X = 2
 """What `ring_issue` copies of a K step: everything, the codes and scales only, or the activations only."""
+
+
 @always_inline
 def ring_x_tokens(s: Int) -> Int:
     """Tokens whose activations travel in the decode ring (all of them, or none)."""

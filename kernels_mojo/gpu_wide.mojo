@@ -37,6 +37,8 @@ comptime WG_SLICE_BYTES = 2048
 """Wide launch with wgmma: one k16 slice of a staged step, 64 tokens × 16 logical k in the canonical K-major layout
 without swizzle: core matrices of 8 tokens × 8 k (16 bytes a token), the two along k 128 bytes apart (the
 descriptor's leading byte offset), token groups 256 bytes apart (its stride byte offset)."""
+
+
 @always_inline
 def block_pairs[
     bits: Int, dtype: DType, from_t: Bool
