@@ -221,14 +221,12 @@ def mma_step[
     tokens (2q, 2q + 1).
     """
     comptime assert bits == 2 or bits == 4 or bits == 16, "GPU parts are 2-, 4-bit or fp16"
-    comptime offset = Float32((1 << bits) - 1) / 2
     comptime words = 1 if bits == 16 else 4  # word blocks per chunk (fp16: the chunk is one block)
     comptime block_cols = chunk_cols[bits]() // words  # 16 (2-bit), 8 (4-bit or fp16)
     comptime mmas = block_cols // 4  # per block: 4, 2, 2
     var lane = Int(lane_id())
     var g = lane // 4
-    var sa, sb = SIMD[dtype, 2](sc[0].cast[dtype]()), SIMD[dtype, 2](sc[1].cast[dtype]())
-    var sha, shb = sa * Scalar[dtype](-offset), sb * Scalar[dtype](-offset)
+    var sa, sha, sb, shb = row_scales[bits, dtype](sc)
     var x_aligned = ncols % 8 == 0
     comptime for blk in range(words):
         comptime if b_src == B_SHARED:  # one A fragment live at a time, its B fragments one 8-byte load each
@@ -264,6 +262,17 @@ def mma_step[
                         var b = b_words[bits](nat, h)
                         mma(d, a_frag.slice[8, offset = 8 * h](), bitcast[dtype, 4](b), d)
                     acc = acc.insert[offset = 4 * nt](d)
+
+
+@always_inline
+def row_scales[bits: Int, dtype: DType](sc: SIMD[DType.float16, 2]) -> Tuple[
+    SIMD[dtype, 2], SIMD[dtype, 2], SIMD[dtype, 2], SIMD[dtype, 2]
+]:
+    """A chunk's scales of rows g and g + 8 (`load_step`) as `a_operand` takes them: (scale, −offset·scale) of row g,
+    then of row g + 8, each in both halves."""
+    comptime offset = Float32((1 << bits) - 1) / 2
+    var sa, sb = SIMD[dtype, 2](sc[0].cast[dtype]()), SIMD[dtype, 2](sc[1].cast[dtype]())
+    return (sa, sa * Scalar[dtype](-offset), sb, sb * Scalar[dtype](-offset))
 
 
 @always_inline

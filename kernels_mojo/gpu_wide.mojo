@@ -27,6 +27,7 @@ from .gpu_tiles import (
     load_t8,
     load_x8,
     mma_step,
+    row_scales,
     step_cols,
 )
 
@@ -235,7 +236,6 @@ def wg_part[
     comptime cols = step_cols[bits]()
     comptime chunk = chunk_cols[bits]()
     comptime mmas = chunk // 16
-    comptime offset = Float32((1 << bits) - 1) / 2
     if first >= last:
         return
     var lane = Int(lane_id())
@@ -262,8 +262,7 @@ def wg_part[
             if copies:
                 wg_issue_x[bits](x, s, ncols, tok0, step + 1, nat_tile)
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q * chunk)
-        var sa, sb = SIMD[dtype, 2](cur[2][0].cast[dtype]()), SIMD[dtype, 2](cur[2][1].cast[dtype]())
-        var sha, shb = sa * Scalar[dtype](-offset), sb * Scalar[dtype](-offset)
+        var sa, sha, sb, shb = row_scales[bits, dtype](cur[2])
         comptime for blk in range(4):
             wgmma_fence_aligned()  # A fragments written by ordinary instructions
             comptime for h in range(mmas):
