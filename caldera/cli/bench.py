@@ -49,8 +49,8 @@ def bench(
         shapes = bk.model_shapes(shape)
         if projections is not None:
             shapes = shapes.only([p for p in projections.split(",") if p])
-    except (FileNotFoundError, KeyError) as e:
-        fail(str(e).strip("'\""))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        fail(str(e))
     cfg = bk.BenchConfig(seq, kind, chosen, sets=sets, iters=iters)
     result = bk.run(shapes, cfg, progress=lambda s: say(f"bench {s} (seq {seq}, {kind})", json_out))
     for row in result.rows:

@@ -56,7 +56,7 @@ class ModelShapes:
     def only(self, names: list[str]) -> ModelShapes:
         """The projections ``names`` alone (a layer stack's tokens/s then needs the rest: none is computed)."""
         if unknown := [n for n in names if n not in self.linears]:
-            raise KeyError(f"unknown projection {unknown[0]!r}; choose from {', '.join(self.linears)}")
+            raise ValueError(f"unknown projection {unknown[0]!r}; choose from {', '.join(self.linears)}")
         return ModelShapes(self.name, self.layers, {n: self.linears[n] for n in self.linears if n in names})
 
 
