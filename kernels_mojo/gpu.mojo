@@ -22,7 +22,8 @@ Launch shapes:
                           block instead of once per warp), the next step's codes in flight meanwhile. With 2- and
                           4-bit codes and bf16 activations (`uses_wgmma`) the two warpgroups multiply by wgmma
                           m64n64k16 instead: A the same dequantized registers, B the step's tile in the canonical
-                          K-major layout (`wg_part`), x's next step on its way by cp.async
+                          K-major layout (`wg_part`), x's next step on its way by cp.async; in the one-launch
+                          op with 2-bit Q, x comes already in that order from a launch before it (`tiles_x`)
 The low-rank term runs the same routines twice: t = x·Rᵀ (P_SPLIT partial sums over K steps), then t·Lᵀ appended
 to the K loop of x·Qᵀ (the wide launch sums the partials while reading t; at decode each block sums them once into
 shared memory, `sum_t`).
@@ -45,8 +46,8 @@ from max.gpu.host import DeviceContext, FuncAttribute
 
 from .gpu_tiles import B_T, B_X, NT_WIDE, P_SPLIT, SMALL_S, THREADS, WARPS, X_ROW, fragment_coords, segment, step_cols
 from .gpu_ring import RING_X_TOKENS, ring_fits, ring_prefetch, ring_words, t_row
-from .gpu_decode import decode_warp, prepare_x, reduce_warps, sum_t
-from .gpu_wide import X_WORDS, wide_part
+from .gpu_decode import XP_PARTS, decode_warp, prepare_x, reduce_warps, sum_t
+from .gpu_wide import RING_SLOTS, X_WORDS, permute_x, tile_row_cols, tiles_values, uses_wgmma, wg_ring_part, wide_part
 
 comptime SMS = 132
 """Streaming multiprocessors of the H100 SXM the tile rule was measured on (`decode_tiles`)."""
@@ -54,9 +55,10 @@ comptime SMS = 132
 
 @always_inline
 def shared_bytes(s: Int, k: Int) -> Int:
-    """Dynamic shared memory of a launch: the wide tile, or at decode the cross-warp sums, each warp's ring and t."""
+    """Dynamic shared memory of a launch: the wide tile and its natural copy, or the ring of tiles
+    (`wg_ring_part`), or at decode the cross-warp sums, each warp's ring and t."""
     if s > SMALL_S:
-        return (X_WORDS + 64 * X_ROW) * 4
+        return max(X_WORDS + 64 * X_ROW, RING_SLOTS * X_WORDS) * 4
     return (WARPS * 128 + WARPS * ring_words(s) + s * t_row(k)) * 4
 
 
@@ -162,6 +164,26 @@ def prepares_x(s: Int, n: Int, k: Int, room: Bool) -> Bool:
 
 
 @always_inline
+def tiles_x[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, room: Bool) -> Bool:
+    """Whether the one-launch op reads Q's activations in staged-tile order (`wg_ring_part`) from xp, where
+    `launch_permute` writes them first (and t after them, where L takes wgmma: `reduce_t`): wgmma, and room for
+    both in xp's XP_PARTS·s·n values (`tiles_values`)."""
+    var t_values = tiles_values[bl](s, k) if uses_wgmma[bl, dtype]() else 0
+    return uses_wgmma[bq, dtype]() and room and s > SMALL_S and tiles_values[bq](s, n) + t_values <= XP_PARTS * s * n
+
+
+@always_inline
+def reduce_t[
+    bl: Int, dtype: DType
+](xt: Pointer[mut=True, Scalar[dtype], _], x: Pointer[Scalar[dtype], _], t_parts: Pointer[Float32, _], s: Int, k: Int):
+    """Block-wide: xt = Σ_p t_parts[p] (s, k) rounded to `dtype`, in the staged-tile order of `bl`-bit codes
+    (`permute_x`)."""
+    var row = tile_row_cols[bl](k)
+    for piece in range(Int(thread_idx.x), ceildiv(s, 8) * row, THREADS):
+        permute_x[bl, dtype, True](xt, x, t_parts, s, k, piece // row, piece % row)
+
+
+@always_inline
 def prefetch_span(p: Pointer[UInt8, _], first: Int, last: Int):
     """Block-wide: ask L2 for bytes [first, last) of p (PTX prefetch.global.L2, a 128-byte line per thread and
     pass); nothing waits for it."""
@@ -215,7 +237,8 @@ def apply_block[
 ):
     """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused` (one launch, s > SMALL_S), t is ready
     once sync[0] = wait_count;
-    `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`). At decode, launched dependent on
+    `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`); in the wide launch `use_xp` where
+    `tiles_x` says so (Q's K loop from xp in B-tile order, written by the previous launch). At decode, launched dependent on
     stage 1 (programmatic dependent launch): Q's first codes are requested while stage 1 runs; xp, t and y wait
     for its end. (Waiting for xp alone, counted per stage-1 block, measured slower: 26.8-28.0 µs against
     22.9-24.3 on 8192², H100.)"""
@@ -258,11 +281,18 @@ def apply_block[
         var rt, tok0 = (bid // passes(s)) * WARPS + w, (bid % passes(s)) * 8 * NT_WIDE
         var q_steps, l_steps = ceildiv(n, step_cols[bq]()), ceildiv(k, step_cols[bl]())
         var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
-        wide_part[bq, gq, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, 0, q_steps, x, t_parts, s, tok0, xs)
+        comptime if use_xp and uses_wgmma[bq, dtype]():
+            wg_ring_part[bq, gq](acc, q_codes, q_scales, m, 16 * rt, n, xp, s, tok0, xs)
+        else:
+            wide_part[bq, gq, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, 0, q_steps, x, t_parts, s, tok0, xs)
         if k > 0:
             comptime if fused:
                 wait_for(sync, wait_count)
-            wide_part[bl, gl, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
+            comptime if fused and use_xp and uses_wgmma[bl, dtype]():  # t in staged-tile order after Q's (`reduce_t`)
+                var xt = xp.unsafe_offset(tiles_values[bq](s, n))
+                wg_ring_part[bl, gl](acc, l_data, l_scales, m, 16 * rt, k, xt, s, tok0, xs)
+            else:
+                wide_part[bl, gl, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
         comptime for e in range(4 * NT_WIDE):
             var rc = fragment_coords(lane, e % 4)
             var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
@@ -311,6 +341,30 @@ def launch_project[
         ctx.enqueue_function[kernel[True]](
             grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
         )
+
+
+def launch_permute[
+    dtype: DType, //, bits: Int
+](
+    xt: Pointer[mut=True, Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    n: Int,
+    ctx: DeviceContext,
+) raises:
+    """Writes xt = x (s, n) in the staged-tile order of `bits`-bit codes (`permute_x`), one thread per 16 bytes, a row of
+    blocks per group of 8 tokens. Lets the next launch start at once: it waits before it reads xt (programmatic
+    dependent launch)."""
+
+    @__parameter
+    def kernel():
+        launch_dependent_grids()
+        permute_x[bits, dtype, False](xt, x, t_parts, s, n, Int(block_idx.y), Int(block_idx.x) * THREADS + Int(thread_idx.x))
+
+    ctx.enqueue_function[kernel](
+        grid_dim=(ceildiv(tile_row_cols[bits](n), THREADS), ceildiv(s, 8)), block_dim=THREADS
+    )
 
 
 def launch_apply[
@@ -401,14 +455,16 @@ def launch_fused[
 ) raises:
     """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b). At decode: stage 1 (with a low-rank part), then stage 2 launched
     dependent on it (they share xp, the prepared activations, where `xp_room`: a second scratch output). Larger s:
-    one launch. Chosen by measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster
+    one launch, after `launch_permute` where `tiles_x` (dependent on it: only Q's K loop waits for xp); then the
+    last stage-1 block to finish also sums t's partials into xp in staged-tile order (`reduce_t`) for L's loop. Chosen by measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster
     on every shape at s = 128; at decode two launches were, on every shape once stage 2 started while stage 1 runs
     (m = 1024: 10.8-16.1 µs against 12.6-16.9 in one launch; the one-launch kernel holds both stages' registers).
 
     One launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait. t_parts
     (P_SPLIT, s, k) is the op's second output, a scratch buffer that the graph discards. Stage-1 blocks have the
     lower indices, so they are dispatched first and never wait: no deadlock whatever the grid size. They count
-    themselves in sync[0]; stage-2 blocks read t after sync[0] = P (acquire). Every block then counts itself in
+    themselves in sync[0]; stage-2 blocks read t after sync[0] = P (acquire), or P + 1 where the last of them adds
+    one more once it has written t in staged-tile order. Every block then counts itself in
     sync[1], and the last one resets both counters for the next launch.
     """
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
@@ -424,21 +480,31 @@ def launch_fused[
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
-    def kernel(s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
+    def kernel[use_xp: Bool](s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         var red = xs.unsafe_bitcast[Float32]()
         var bid = Int(block_idx.x)
         var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
+        comptime t_tiles = use_xp and uses_wgmma[bl, dtype]()
         if bid < np:
             project_block[br, gr, True](bid, red, xs, t_parts, x, r_data, r_scales, xp, False, s, n, k)
             barrier()
             if thread_idx.x == 0:
                 fence[Ordering.RELEASE, scope="device"]()
-                _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
+                var before = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](sync, 1)
+                red[unsafe_offset=0] = Float32(1 if before == Int64(np - 1) else 0)  # the last stage-1 block: every partial is in
+            comptime if t_tiles:
+                barrier()
+                if red[unsafe_offset=0] != 0:
+                    reduce_t[bl](xp.unsafe_offset(tiles_values[bq](s, n)), x, t_parts, s, k)
+                    barrier()
+                    if thread_idx.x == 0:
+                        fence[Ordering.RELEASE, scope="device"]()
+                        _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
         else:
-            apply_block[bq, gq, bl, gl, True, True, False, False](
+            apply_block[bq, gq, bl, gl, True, True, False, use_xp](
                 bid - np, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
-                has_bias_ != 0, sync, np,
+                has_bias_ != 0, sync, np + (1 if t_tiles else 0),
             )
         if thread_idx.x == 0:
             var done = sync.unsafe_offset(1)
@@ -449,7 +515,14 @@ def launch_fused[
 
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
-    ctx.enqueue_function[kernel](
+    if tiles_x[bq, bl, dtype](s, n, k, xp_room):
+        launch_permute[bq](xp, x, t_parts, s, n, ctx)  # (t_parts: not read)
+        ctx.enqueue_function[kernel[True]](
+            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total,
+            block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr, attributes=pdl_launch_attributes(PDLLevel(1)),
+        )
+        return
+    ctx.enqueue_function[kernel[False]](
         Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS,
         shared_mem_bytes=smem, func_attribute=attr,
     )

@@ -62,7 +62,7 @@ def decode_warp[
         for step in range(step0, nsteps, stride):
             var col0 = step * cols + q * chunk_cols[bits]()
             var c = load_step[bits, group](data, scales, ra, nrows, ncols, col0)
-            mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], col0, x, t_parts, s, ncols, 0, xs)
+            mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], c[3], col0, x, t_parts, s, ncols, 0, xs)
     else:
         comptime if xp and b_src == B_X:
             ring_warp[bits, group, dtype, b_src, True, True](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)

@@ -178,8 +178,9 @@ def load_step[
     bits: Int, group: Int
 ](
     data: Pointer[UInt8, _], scales: Pointer[Float16, _], ra: Int, nrows: Int, ncols: Int, col0: Int
-) -> Tuple[SIMD[DType.uint32, 4], SIMD[DType.uint32, 4], SIMD[DType.float16, 2]]:
-    """One lane's chunk at column col0 of rows ra and ra + 8: 16 code bytes of each and their two scales."""
+) -> Tuple[SIMD[DType.uint32, 4], SIMD[DType.uint32, 4], Float16, Float16]:
+    """One lane's chunk at column col0 of rows ra and ra + 8: 16 code bytes of each and their two scales (scalars:
+    packing them into one register here would wait for the loads)."""
     var rb = ra + 8
     var row_bytes = ceildiv(ncols * bits, 8)
     var aligned = row_bytes % 16 == 0
@@ -187,15 +188,15 @@ def load_step[
     var pb = data.unsafe_offset(rb * row_bytes)
     var wa = load16(pa, col0 * bits // 8, row_bytes, ra < nrows, aligned)
     var wb = load16(pb, col0 * bits // 8, row_bytes, rb < nrows, aligned)
-    var sc = SIMD[DType.float16, 2](0)
+    var sa, sb = Float16(0), Float16(0)
     comptime if bits < 16:
         var groups = ceildiv(ncols, group)
         var gi = col0 // group
         if gi < groups and ra < nrows:
-            sc[0] = scales[unsafe_offset=ra * groups + gi]
+            sa = scales[unsafe_offset=ra * groups + gi]
         if gi < groups and rb < nrows:
-            sc[1] = scales[unsafe_offset=rb * groups + gi]
-    return (wa, wb, sc)
+            sb = scales[unsafe_offset=rb * groups + gi]
+    return (wa, wb, sa, sb)
 
 
 @always_inline
@@ -205,7 +206,8 @@ def mma_step[
     mut acc: SIMD[DType.float32, 4 * NT],
     wa: SIMD[DType.uint32, 4],
     wb: SIMD[DType.uint32, 4],
-    sc: SIMD[DType.float16, 2],
+    scale_a: Float16,
+    scale_b: Float16,
     col0: Int,
     x: Pointer[Scalar[dtype], _],
     t_parts: Pointer[Float32, _],
@@ -226,7 +228,7 @@ def mma_step[
     comptime mmas = block_cols // 4  # per block: 4, 2, 2
     var lane = Int(lane_id())
     var g = lane // 4
-    var sa, sha, sb, shb = row_scales[bits, dtype](sc)
+    var sa, sha, sb, shb = row_scales[bits, dtype](scale_a, scale_b)
     var x_aligned = ncols % 8 == 0
     comptime for blk in range(words):
         comptime if b_src == B_SHARED:  # one A fragment live at a time, its B fragments one 8-byte load each
@@ -265,13 +267,13 @@ def mma_step[
 
 
 @always_inline
-def row_scales[bits: Int, dtype: DType](sc: SIMD[DType.float16, 2]) -> Tuple[
+def row_scales[bits: Int, dtype: DType](scale_a: Float16, scale_b: Float16) -> Tuple[
     SIMD[dtype, 2], SIMD[dtype, 2], SIMD[dtype, 2], SIMD[dtype, 2]
 ]:
     """A chunk's scales of rows g and g + 8 (`load_step`) as `a_operand` takes them: (scale, −offset·scale) of row g,
     then of row g + 8, each in both halves."""
     comptime offset = Float32((1 << bits) - 1) / 2
-    var sa, sb = SIMD[dtype, 2](sc[0].cast[dtype]()), SIMD[dtype, 2](sc[1].cast[dtype]())
+    var sa, sb = SIMD[dtype, 2](scale_a.cast[dtype]()), SIMD[dtype, 2](scale_b.cast[dtype]())
     return (sa, sa * Scalar[dtype](-offset), sb, sb * Scalar[dtype](-offset))
 
 

@@ -1,10 +1,12 @@
 """GPU kernels, the wide launch (s > SMALL_S): a block's 128 rows × 64 tokens over a range of K steps, each step's
 activation tile staged in shared memory, multiplied by wgmma (2- and 4-bit codes, bf16) or mma.sync."""
 
+from std.math import ceildiv
 from std.memory import AddressSpace
 from std.sys import inlined_assembly
 
 from max.gpu import barrier, lane_id, thread_idx
+from max.gpu.primitives.grid_controls import wait_on_dependent_grids
 from max.gpu.memory import async_copy, async_copy_commit_group, async_copy_wait_group
 from max.gpu.compute.mma import (
     wgmma_async,
@@ -17,6 +19,7 @@ from max.gpu.compute.mma import (
 from .gpu_tiles import (
     B_SHARED,
     NT_WIDE,
+    P_SPLIT,
     THREADS,
     X_ROW,
     ZERO,
@@ -38,6 +41,9 @@ comptime WG_SLICE_BYTES = 2048
 """Wide launch with wgmma: one k16 slice of a staged step, 64 tokens × 16 logical k in the canonical K-major layout
 without swizzle: core matrices of 8 tokens × 8 k (16 bytes a token), the two along k 128 bytes apart (the
 descriptor's leading byte offset), token groups 256 bytes apart (its stride byte offset)."""
+comptime RING_SLOTS = 3
+"""Wide launch reading x in B-tile order (`wg_ring_part`): staged steps in shared memory, X_WORDS words each; the
+copies of a step are issued two steps ahead."""
 
 
 @always_inline
@@ -235,7 +241,6 @@ def wg_part[
     laid out as `mma_step`'s."""
     comptime cols = step_cols[bits]()
     comptime chunk = chunk_cols[bits]()
-    comptime mmas = chunk // 16
     if first >= last:
         return
     var lane = Int(lane_id())
@@ -262,17 +267,173 @@ def wg_part[
             if copies:
                 wg_issue_x[bits](x, s, ncols, tok0, step + 1, nat_tile)
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q * chunk)
-        var sa, sha, sb, shb = row_scales[bits, dtype](cur[2])
-        comptime for blk in range(4):
-            wgmma_fence_aligned()  # A fragments written by ordinary instructions
-            comptime for h in range(mmas):
-                var a = a_operand[bits, dtype](cur[0], cur[1], blk, h, sa, sha, sb, shb)
-                acc = wgmma_async[64, 8 * NT_WIDE, 16, a_type=dtype, b_type=dtype](
-                    a, desc + (blk * mmas + h) * WG_SLICE_BYTES, acc
-                )
-            wgmma_commit_group_sync()
-            wgmma_wait_group_sync[1]()  # the previous block's A fragments are free again
-        wgmma_wait_group_sync[0]()
+        wg_multiply[bits](acc, cur, desc)
+        cur = nxt
+
+
+@always_inline
+def wg_multiply[
+    bits: Int, dtype: DType
+](
+    mut acc: SIMD[DType.float32, 4 * NT_WIDE],
+    cur: Tuple[SIMD[DType.uint32, 4], SIMD[DType.uint32, 4], Float16, Float16],
+    desc: WGMMADescriptor[dtype],
+):
+    """acc += the warpgroup's dequantized K step (`load_step`'s chunk of each lane, as mma.sync A fragments) times
+    the staged B tile at `desc` (`WG_SLICE_BYTES` per k16 slice): 16 (2-bit) or 8 (4-bit) wgmmas m64n64k16 in 4
+    commit groups, each group's A registers free again once the next is issued; returns with all of them done."""
+    comptime mmas = chunk_cols[bits]() // 16
+    var sa, sha, sb, shb = row_scales[bits, dtype](cur[2], cur[3])
+    comptime for blk in range(4):
+        wgmma_fence_aligned()  # A fragments written by ordinary instructions
+        comptime for h in range(mmas):
+            var a = a_operand[bits, dtype](cur[0], cur[1], blk, h, sa, sha, sb, shb)
+            acc = wgmma_async[64, 8 * NT_WIDE, 16, a_type=dtype, b_type=dtype](
+                a, desc + (blk * mmas + h) * WG_SLICE_BYTES, acc
+            )
+        wgmma_commit_group_sync()
+        wgmma_wait_group_sync[1]()  # the previous block's A fragments are free again
+    wgmma_wait_group_sync[0]()
+
+
+@always_inline
+def tile_col[bits: Int](pos: Int) -> Int:
+    """The column (inside its K step) of position `pos` of a step in B-tile order: position 16·i + k is logical k of
+    k16 slice i = blk·mmas + h, which `wg_stage_store` fills from chunk q = (k % 8) / 2, columns
+    blk·block_cols + 2h + k / 8 (+ block_cols / 2 for odd k)."""
+    comptime mmas = chunk_cols[bits]() // 16
+    comptime block_cols = chunk_cols[bits]() // 4
+    var i, k = pos // 16, pos % 16
+    var blk, h = i // mmas, i % mmas
+    return (k % 8) // 2 * chunk_cols[bits]() + blk * block_cols + 2 * h + k // 8 + (k % 2) * (block_cols // 2)
+
+
+@always_inline
+def tile_row_cols[bits: Int](n: Int) -> Int:
+    """Columns of a row of x in B-tile order (`permute_x`): n rounded up to whole K steps."""
+    return ceildiv(n, step_cols[bits]()) * step_cols[bits]()
+
+
+@always_inline
+def tiles_values[bits: Int](s: Int, n: Int) -> Int:
+    """Values of x in B-tile order (`permute_x`): every group of 8 tokens (the last one zero-padded) × whole steps."""
+    return ceildiv(s, 8) * 8 * tile_row_cols[bits](n)
+
+
+@always_inline
+def permute_x[
+    bits: Int, dtype: DType, from_t: Bool
+](
+    xt: Pointer[mut=True, Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    n: Int,
+    tg: Int,
+    r: Int,
+):
+    """Piece r (8 values, 16 bytes) of token group tg of xt, x (s, n) (or with `from_t` Σ_p t_parts[p] (s, n)
+    rounded to `dtype`) as the wide launch's staged tiles hold it: per
+    group of 8 tokens and K step a contiguous image of the tile's rows for those tokens, piece j = 16·i + 8·half + t
+    being token 8·tg + t's logical k 8·half … 8·half + 7 of k16 slice i (`tile_col`); zeros past n and s. Pieces of
+    a group: tile_row_cols(n) (r past that: nothing)."""
+    comptime cols = step_cols[bits]()
+    var row = tile_row_cols[bits](n)
+    if r >= row:
+        return
+    var step, j = r // cols, r % cols
+    var token = 8 * tg + j % 8
+    var pos0 = (j // 16) * 16 + (j // 8) % 2 * 8
+    var v = SIMD[dtype, 8](0)
+    if token < s:
+        comptime for e in range(8):
+            var col = step * cols + tile_col[bits](pos0 + e)
+            if col < n:
+                comptime if from_t:
+                    var total = Float32(0)
+                    comptime for p in range(P_SPLIT):
+                        total += t_parts[unsafe_offset=(p * s + token) * n + col]
+                    v[e] = total.cast[dtype]()
+                else:
+                    v[e] = x[unsafe_offset=token * n + col]
+    xt.unsafe_store[alignment=16]((tg * row + r) * 8, v)
+
+
+@always_inline
+def wg_issue_tile[
+    bits: Int, dtype: DType
+](
+    xt: Pointer[Scalar[dtype], _],
+    s: Int,
+    row: Int,
+    tok0: Int,
+    step: Int,
+    tile: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+):
+    """Block-wide: start copying K step `step` of tokens tok0 … tok0 + 63 from xt (`permute_x`, groups of `row`
+    pieces) into the staged tile `tile` (`wg_stage_store`'s layout; groups past s as zeros), then commit. Warp w
+    copies token group w, 512 contiguous bytes a copy instruction; 8 lanes fill 128 contiguous bytes of a slice."""
+    comptime cols = step_cols[bits]()
+    comptime copies = cols * 8 * 2 // 16 // 32  # 16-byte pieces a lane: 8 (2-bit) or 4 (4-bit)
+    var lane, w = Int(lane_id()), Int(thread_idx.x) // 32
+    var tg = tok0 // 8 + w
+    var inside = 8 * tg < s
+    var src = xt.unsafe_offset((tg * row + step * cols) * 8).unsafe_bitcast[UInt8]()
+    var dst = tile.unsafe_bitcast[UInt8]().unsafe_offset(w * 256 + (lane // 8) % 2 * 128 + (lane % 8) * 16)
+    comptime for it in range(copies):
+        var j = lane + 32 * it
+        async_copy[16, fill=ZERO](
+            (src.unsafe_offset(16 * j) if inside else xt.unsafe_bitcast[UInt8]()).address_space_cast[
+                AddressSpace.GLOBAL
+            ](),
+            dst.unsafe_offset((j // 16) * WG_SLICE_BYTES),
+            src_size=Int32(16 if inside else 0),
+        )
+    async_copy_commit_group()
+
+
+@always_inline
+def wg_ring_part[
+    bits: Int, group: Int, dtype: DType
+](
+    mut acc: SIMD[DType.float32, 4 * NT_WIDE],
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    nrows: Int,
+    row0: Int,
+    ncols: Int,
+    xt: Pointer[Scalar[dtype], _],
+    s: Int,
+    tok0: Int,
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+):
+    """`wg_part` over all K steps of x with x already in B-tile order in xt (`permute_x`, written by the previous
+    launch: waited for here, after the first codes are requested): the steps' tiles go by cp.async straight into a
+    ring of RING_SLOTS staged tiles, two steps ahead, so a step needs one barrier and no permute."""
+    comptime cols = step_cols[bits]()
+    var nsteps = ceildiv(ncols, cols)
+    var row = tile_row_cols[bits](ncols)
+    var lane = Int(lane_id())
+    var ra = row0 + lane // 4
+    var cur = load_step[bits, group](data, scales, ra, nrows, ncols, (lane % 4) * chunk_cols[bits]())
+    wait_on_dependent_grids()  # xt is the previous launch's output
+    var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
+    comptime for ahead in range(RING_SLOTS - 1):
+        if ahead < nsteps:
+            wg_issue_tile[bits](xt, s, row, tok0, ahead, xs.unsafe_offset(ahead * X_WORDS))
+    for step in range(nsteps):
+        if step + 1 < nsteps:  # this thread's copies of `step` have landed (the wait takes an immediate)
+            async_copy_wait_group(1)
+        else:
+            async_copy_wait_group(0)
+        fence_proxy_async()
+        barrier()  # every thread's copies of `step` have landed; every wgmma of step - 1 is done
+        var nxt = cur
+        if step + 2 < nsteps:
+            wg_issue_tile[bits](xt, s, row, tok0, step + 2, xs.unsafe_offset((step + 2) % RING_SLOTS * X_WORDS))
+        if step + 1 < nsteps:
+            nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + (lane % 4) * chunk_cols[bits]())
+        wg_multiply[bits](acc, cur, desc + step % RING_SLOTS * (X_WORDS * 4))
         cur = nxt
 
 
@@ -320,6 +481,6 @@ def wide_part[
             nat = stage_load[bits, dtype, from_t](x, t_parts, s, ncols, tok0, step + 1)
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q * chunk)
         mma_step[bits, NT_WIDE, dtype, B_SHARED](
-            acc, cur[0], cur[1], cur[2], step * cols + q * chunk, x, t_parts, s, ncols, tok0, xs
+            acc, cur[0], cur[1], cur[2], cur[3], step * cols + q * chunk, x, t_parts, s, ncols, tok0, xs
         )
         cur = nxt

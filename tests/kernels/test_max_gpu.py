@@ -35,6 +35,9 @@ CASES = {
     # wide launch with wgmma for 4-bit Q (8 slices a K step) and 2-bit factors; 200 rows: the second block's last
     # warpgroup holds 8 rows; 1000 columns end in a partial K step
     "q4-wgmma-bf16": (200, 1000, {"rank": 24, "bq": 4, "bl": 2, "br": 2, "incoherence": False}, torch.bfloat16),
+    # wide launch reading x in B-tile order (`wg_ring_part`) with no low-rank part (no stage-1 blocks): 420 columns
+    # (rows not 16-byte aligned in x) padded to two K steps; 136 rows, the last warpgroup with 8
+    "q2-tiles-rank0-bf16": (136, 420, {"rank": 0, "bias": True, "incoherence": False}, torch.bfloat16),
 }
 ROWS = (1, 2, 5, 9, 130)  # decode (activations in the ring up to 2 tokens), wide launch with one and three token passes
 
