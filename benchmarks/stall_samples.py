@@ -1,0 +1,47 @@
+"""Where a kernel's warps wait, per SASS instruction, from Nsight Compute's source page (`gpu_sources.sh` writes it).
+
+    python3 benchmarks/stall_samples.py src.csv [top]
+
+Prints the share of stall samples per reason, the `top` instructions by samples (with their leading reasons), and
+the running share at each barrier, wgmma, copy commit and exit, which splits the kernel into its phases.
+"""
+
+import csv
+import sys
+
+SAMPLES = "Warp Stall Sampling (All Samples)"
+MARKS = ("BAR.SYNC", "HGMMA", "LDGDEPBAR", "EXIT", "STRONG.GPU")
+
+
+def number(text: str) -> float:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def main(path: str, top: int = 25) -> None:
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    head, body = rows[1], rows[2:]  # row 0 names the kernel
+    col = {h: i for i, h in enumerate(head)}
+    reasons = [h for h in head if h.startswith("stall_") and "Not Issued" not in h]
+    total = sum(number(r[col[SAMPLES]]) for r in body) or 1.0
+    by_reason = {h[6:]: sum(number(r[col[h]]) for r in body) / total for h in reasons}
+    leading = sorted(by_reason.items(), key=lambda kv: -kv[1])[:8]
+    print(f"{total:.0f} samples;", ", ".join(f"{k} {v:.1%}" for k, v in leading))
+    print(f"\ntop {top} instructions:")
+    for r in sorted(body, key=lambda r: -number(r[col[SAMPLES]]))[:top]:
+        n = number(r[col[SAMPLES]])
+        lead = {h[6:]: int(number(r[col[h]])) for h in reasons if number(r[col[h]]) > 0.1 * n}
+        print(f"  {r[col['Address']][-6:]} {n / total:6.1%}  {r[col['Source']][:64]:64} {lead}")
+    print("\nrunning share at the phase marks:")
+    seen = 0.0
+    for r in body:
+        seen += number(r[col[SAMPLES]])
+        if any(m in r[col["Source"]] for m in MARKS):
+            print(f"  {r[col['Address']][-6:]} {seen / total:6.1%}  {r[col['Source']][:64]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *map(int, sys.argv[2:3]))
