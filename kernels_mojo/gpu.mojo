@@ -236,12 +236,11 @@ def apply_block[
     wait_count: Int,
 ):
     """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused` (one launch, s > SMALL_S), t is ready
-    once sync[0] = wait_count;
-    `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`); in the wide launch `use_xp` where
-    `tiles_x` says so (Q's K loop from xp in B-tile order, written by the previous launch). At decode, launched dependent on
-    stage 1 (programmatic dependent launch): Q's first codes are requested while stage 1 runs; xp, t and y wait
-    for its end. (Waiting for xp alone, counted per stage-1 block, measured slower: 26.8-28.0 µs against
-    22.9-24.3 on 8192², H100.)"""
+    once sync[0] = wait_count; `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`); in the wide
+    launch `use_xp` where `tiles_x` says so (Q's K loop from xp in staged-tile order, written by the previous launch,
+    and L's from t in that order where L takes wgmma). At decode, launched dependent on stage 1 (programmatic dependent
+    launch): Q's first codes are requested while stage 1 runs; xp, t and y wait for its end. (Waiting for xp alone,
+    counted per stage-1 block, measured slower: 26.8-28.0 µs against 22.9-24.3 on 8192², H100.)"""
     var w, lane = Int(warp_id()), Int(lane_id())
     comptime if not wide:  # `decode_tiles` 16-row tiles per block, each with WARPS / tiles warps taking every
         # (WARPS / tiles)-th K step of Q, then of L (a tile past m, in the last block, is skipped)
@@ -292,7 +291,9 @@ def apply_block[
                 var xt = xp.unsafe_offset(tiles_values[bq](s, n))
                 wg_ring_part[bl, gl](acc, l_data, l_scales, m, 16 * rt, k, xt, s, tok0, xs)
             else:
-                wide_part[bl, gl, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
+                wide_part[bl, gl, dtype, True](
+                    acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs
+                )
         comptime for e in range(4 * NT_WIDE):
             var rc = fragment_coords(lane, e % 4)
             var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
@@ -353,14 +354,15 @@ def launch_permute[
     n: Int,
     ctx: DeviceContext,
 ) raises:
-    """Writes xt = x (s, n) in the staged-tile order of `bits`-bit codes (`permute_x`), one thread per 16 bytes, a row of
-    blocks per group of 8 tokens. Lets the next launch start at once: it waits before it reads xt (programmatic
+    """Writes xt = x (s, n) in the staged-tile order of `bits`-bit codes (`permute_x`), one thread per 16 bytes, a row
+    of blocks per group of 8 tokens. Lets the next launch start at once: it waits before it reads xt (programmatic
     dependent launch)."""
 
     @__parameter
     def kernel():
         launch_dependent_grids()
-        permute_x[bits, dtype, False](xt, x, t_parts, s, n, Int(block_idx.y), Int(block_idx.x) * THREADS + Int(thread_idx.x))
+        var tg, piece = Int(block_idx.y), Int(block_idx.x) * THREADS + Int(thread_idx.x)
+        permute_x[bits, dtype, False](xt, x, t_parts, s, n, tg, piece)
 
     ctx.enqueue_function[kernel](
         grid_dim=(ceildiv(tile_row_cols[bits](n), THREADS), ceildiv(s, 8)), block_dim=THREADS
@@ -454,19 +456,19 @@ def launch_fused[
     ctx: DeviceContext,
 ) raises:
     """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b). At decode: stage 1 (with a low-rank part), then stage 2 launched
-    dependent on it (they share xp, the prepared activations, where `xp_room`: a second scratch output). Larger s:
-    one launch, after `launch_permute` where `tiles_x` (dependent on it: only Q's K loop waits for xp); then the
-    last stage-1 block to finish also sums t's partials into xp in staged-tile order (`reduce_t`) for L's loop. Chosen by measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster
-    on every shape at s = 128; at decode two launches were, on every shape once stage 2 started while stage 1 runs
-    (m = 1024: 10.8-16.1 µs against 12.6-16.9 in one launch; the one-launch kernel holds both stages' registers).
+    dependent on it (they share xp, the prepared activations, where `xp_room`: a second scratch output). Larger s: one
+    launch, after `launch_permute` where `tiles_x` (dependent on it: only Q's K loop waits for xp); then the last
+    stage-1 block to finish also sums t's partials into xp in staged-tile order (`reduce_t`) for L's loop. Chosen by
+    measurement (H100, Qwen2-72B shapes, runbook/03-bench-kernel.md): one launch was faster on every shape at s = 128;
+    at decode two launches were, on every shape once stage 2 started while stage 1 runs (m = 1024: 10.8-16.1 µs against
+    12.6-16.9 in one launch; the one-launch kernel holds both stages' registers).
 
-    One launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait. t_parts
-    (P_SPLIT, s, k) is the op's second output, a scratch buffer that the graph discards. Stage-1 blocks have the
-    lower indices, so they are dispatched first and never wait: no deadlock whatever the grid size. They count
-    themselves in sync[0]; stage-2 blocks read t after sync[0] = P (acquire), or P + 1 where the last of them adds
-    one more once it has written t in staged-tile order. Every block then counts itself in
-    sync[1], and the last one resets both counters for the next launch.
-    """
+    One launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait. t_parts (P_SPLIT, s, k) is
+    the op's second output, a scratch buffer that the graph discards. Stage-1 blocks have the lower indices, so they are
+    dispatched first and never wait: no deadlock whatever the grid size. They count themselves in sync[0]; stage-2
+    blocks read t after sync[0] = P (acquire), or P + 1 where the last of them adds one more once it has written t in
+    staged-tile order. Every block then counts itself in sync[1], and the last one resets both counters for the next
+    launch."""
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
     if s <= SMALL_S:
         if k > 0:
@@ -492,7 +494,7 @@ def launch_fused[
             if thread_idx.x == 0:
                 fence[Ordering.RELEASE, scope="device"]()
                 var before = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](sync, 1)
-                red[unsafe_offset=0] = Float32(1 if before == Int64(np - 1) else 0)  # the last stage-1 block: every partial is in
+                red[unsafe_offset=0] = Float32(1 if before == Int64(np - 1) else 0)  # the last: every partial is in
             comptime if t_tiles:
                 barrier()
                 if red[unsafe_offset=0] != 0:
@@ -519,7 +521,8 @@ def launch_fused[
         launch_permute[bq](xp, x, t_parts, s, n, ctx)  # (t_parts: not read)
         ctx.enqueue_function[kernel[True]](
             Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total,
-            block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr, attributes=pdl_launch_attributes(PDLLevel(1)),
+            block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+            attributes=pdl_launch_attributes(PDLLevel(1)),
         )
         return
     ctx.enqueue_function[kernel[False]](

@@ -415,7 +415,8 @@ def wg_ring_part[
     var row = tile_row_cols[bits](ncols)
     var lane = Int(lane_id())
     var ra = row0 + lane // 4
-    var cur = load_step[bits, group](data, scales, ra, nrows, ncols, (lane % 4) * chunk_cols[bits]())
+    var q0 = (lane % 4) * chunk_cols[bits]()
+    var cur = load_step[bits, group](data, scales, ra, nrows, ncols, q0)
     wait_on_dependent_grids()  # xt is the previous launch's output
     var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
     comptime for ahead in range(RING_SLOTS - 1):
@@ -432,7 +433,7 @@ def wg_ring_part[
         if step + 2 < nsteps:
             wg_issue_tile[bits](xt, s, row, tok0, step + 2, xs.unsafe_offset((step + 2) % RING_SLOTS * X_WORDS))
         if step + 1 < nsteps:
-            nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + (lane % 4) * chunk_cols[bits]())
+            nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q0)
         wg_multiply[bits](acc, cur, desc + step % RING_SLOTS * (X_WORDS * 4))
         cur = nxt
 
