@@ -38,6 +38,8 @@ CASES = {
     # wide launch reading x in B-tile order (`wg_ring_part`) with no low-rank part (no stage-1 blocks): 420 columns
     # (rows not 16-byte aligned in x) padded to two K steps; 136 rows, the last warpgroup with 8
     "q2-tiles-rank0-bf16": (136, 420, {"rank": 0, "bias": True, "incoherence": False}, torch.bfloat16),
+    # the same with fp16 factors: Q's loop from the staged tiles, L's and R's by mma.sync (no t tiles)
+    "q2-tiles-fp16-factors-bf16": (136, 512, {"rank": 12, "bl": 16, "br": 16, "incoherence": False}, torch.bfloat16),
 }
 ROWS = (1, 2, 5, 9, 130)  # decode (activations in the ring up to 2 tokens), wide launch with one and three token passes
 
