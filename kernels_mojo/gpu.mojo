@@ -175,12 +175,20 @@ def tiles_x[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, room: Bool) 
 @always_inline
 def reduce_t[
     bl: Int, dtype: DType
-](xt: Pointer[mut=True, Scalar[dtype], _], x: Pointer[Scalar[dtype], _], t_parts: Pointer[Float32, _], s: Int, k: Int):
+](xt: Pointer[mut=True, Scalar[dtype], _], t_parts: Pointer[Float32, _], s: Int, k: Int):
     """Block-wide: xt = Σ_p t_parts[p] (s, k) rounded to `dtype`, in the staged-tile order of `bl`-bit codes
     (`permute_x`)."""
+
+    @__parameter
+    def t_value(token: Int, col: Int) -> Scalar[dtype]:
+        var total = Float32(0)
+        comptime for p in range(P_SPLIT):
+            total += t_parts[unsafe_offset=(p * s + token) * k + col]
+        return total.cast[dtype]()
+
     var row = tile_row_cols[bl](k)
     for piece in range(Int(thread_idx.x), ceildiv(s, 8) * row, THREADS):
-        permute_x[bl, dtype, True](xt, x, t_parts, s, k, piece // row, piece % row)
+        permute_x[bl, dtype, t_value](xt, s, k, piece // row, piece % row)
 
 
 @always_inline
@@ -191,6 +199,21 @@ def prefetch_span(p: Pointer[UInt8, _], first: Int, last: Int):
         inlined_assembly["prefetch.global.L2 [$0];", NoneType, constraints="l", has_side_effect=True](
             p.unsafe_offset(off)
         )
+
+
+@always_inline
+def arrive(
+    counter: Pointer[mut=True, Int64, _], last: Int, red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED]
+) -> Bool:
+    """Block-wide: add one to counter[0] once this block's writes are visible device-wide (release; acquire too, so
+    the last to arrive sees the others' writes); whether the count before was `last`, on every thread."""
+    barrier()
+    if thread_idx.x == 0:
+        fence[Ordering.RELEASE, scope="device"]()
+        var before = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](counter, 1)
+        red[unsafe_offset=0] = Float32(1 if before == Int64(last) else 0)
+    barrier()
+    return red[unsafe_offset=0] != 0
 
 
 @always_inline
@@ -349,7 +372,6 @@ def launch_permute[
 ](
     xt: Pointer[mut=True, Scalar[dtype], _],
     x: Pointer[Scalar[dtype], _],
-    t_parts: Pointer[Float32, _],
     s: Int,
     n: Int,
     ctx: DeviceContext,
@@ -361,8 +383,12 @@ def launch_permute[
     @__parameter
     def kernel():
         launch_dependent_grids()
+        @__parameter
+        def x_value(token: Int, col: Int) -> Scalar[dtype]:
+            return x[unsafe_offset=token * n + col]
+
         var tg, piece = Int(block_idx.y), Int(block_idx.x) * THREADS + Int(thread_idx.x)
-        permute_x[bits, dtype, False](xt, x, t_parts, s, n, tg, piece)
+        permute_x[bits, dtype, x_value](xt, s, n, tg, piece)
 
     ctx.enqueue_function[kernel](
         grid_dim=(ceildiv(tile_row_cols[bits](n), THREADS), ceildiv(s, 8)), block_dim=THREADS
@@ -490,19 +516,11 @@ def launch_fused[
         comptime t_tiles = use_xp and uses_wgmma[bl, dtype]()
         if bid < np:
             project_block[br, gr, True](bid, red, xs, t_parts, x, r_data, r_scales, xp, False, s, n, k)
-            barrier()
-            if thread_idx.x == 0:
-                fence[Ordering.RELEASE, scope="device"]()
-                var before = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.ACQUIRE_RELEASE](sync, 1)
-                red[unsafe_offset=0] = Float32(1 if before == Int64(np - 1) else 0)  # the last: every partial is in
+            var last = arrive(sync, np - 1, red)  # the last stage-1 block: every partial sum is in
             comptime if t_tiles:
-                barrier()
-                if red[unsafe_offset=0] != 0:
-                    reduce_t[bl](xp.unsafe_offset(tiles_values[bq](s, n)), x, t_parts, s, k)
-                    barrier()
-                    if thread_idx.x == 0:
-                        fence[Ordering.RELEASE, scope="device"]()
-                        _ = Atomic[Int64, scope="device"].fetch_add[ordering=Ordering.RELEASE](sync, 1)
+                if last:
+                    reduce_t[bl](xp.unsafe_offset(tiles_values[bq](s, n)), t_parts, s, k)
+                    _ = arrive(sync, -1, red)
         else:
             apply_block[bq, gq, bl, gl, True, True, False, use_xp](
                 bid - np, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
@@ -518,7 +536,7 @@ def launch_fused[
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if tiles_x[bq, bl, dtype](s, n, k, xp_room):
-        launch_permute[bq](xp, x, t_parts, s, n, ctx)  # (t_parts: not read)
+        launch_permute[bq](xp, x, s, n, ctx)
         ctx.enqueue_function[kernel[True]](
             Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total,
             block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,

@@ -19,7 +19,6 @@ from max.gpu.compute.mma import (
 from .gpu_tiles import (
     B_SHARED,
     NT_WIDE,
-    P_SPLIT,
     THREADS,
     X_ROW,
     ZERO,
@@ -322,21 +321,12 @@ def tiles_values[bits: Int](s: Int, n: Int) -> Int:
 
 @always_inline
 def permute_x[
-    bits: Int, dtype: DType, from_t: Bool
-](
-    xt: Pointer[mut=True, Scalar[dtype], _],
-    x: Pointer[Scalar[dtype], _],
-    t_parts: Pointer[Float32, _],
-    s: Int,
-    n: Int,
-    tg: Int,
-    r: Int,
-):
-    """Piece r (8 values, 16 bytes) of token group tg of xt, x (s, n) (or with `from_t` Σ_p t_parts[p] (s, n)
-    rounded to `dtype`) as the wide launch's staged tiles hold it: per
-    group of 8 tokens and K step a contiguous image of the tile's rows for those tokens, piece j = 16·i + 8·half + t
-    being token 8·tg + t's logical k 8·half … 8·half + 7 of k16 slice i (`tile_col`); zeros past n and s. Pieces of
-    a group: tile_row_cols(n) (r past that: nothing)."""
+    bits: Int, dtype: DType, value: def(Int, Int) capturing -> Scalar[dtype]
+](xt: Pointer[mut=True, Scalar[dtype], _], s: Int, n: Int, tg: Int, r: Int):
+    """Piece r (8 values, 16 bytes) of token group tg of xt, the (s, n) matrix `value(token, col)` (x, or t's summed
+    partials) as the wide launch's staged tiles hold it: per group of 8 tokens and K step a contiguous image of the
+    tile's rows for those tokens, piece j = 16·i + 8·half + t being token 8·tg + t's logical k 8·half … 8·half + 7 of
+    k16 slice i (`tile_col`); zeros past n and s. Pieces of a group: tile_row_cols(n) (r past that: nothing)."""
     comptime cols = step_cols[bits]()
     var row = tile_row_cols[bits](n)
     if r >= row:
@@ -349,13 +339,7 @@ def permute_x[
         comptime for e in range(8):
             var col = step * cols + tile_col[bits](pos0 + e)
             if col < n:
-                comptime if from_t:
-                    var total = Float32(0)
-                    comptime for p in range(P_SPLIT):
-                        total += t_parts[unsafe_offset=(p * s + token) * n + col]
-                    v[e] = total.cast[dtype]()
-                else:
-                    v[e] = x[unsafe_offset=token * n + col]
+                v[e] = value(token, col)
     xt.unsafe_store[alignment=16]((tg * row + r) * 8, v)
 
 
