@@ -129,10 +129,11 @@ def project_block[
         var row = 16 * rt + r[2]
         if r[0] and row < k and r[3] < s:
             t_parts[unsafe_offset=(p * s + r[3]) * k + row] = r[1]
-    else:
+    else:  # pass-major: a token pass's blocks are consecutive (`pass_blocks`)
         var rest = bid // P_SPLIT
-        var tok0 = (rest % passes(s)) * 8 * NT_WIDE
-        var rt = (rest // passes(s)) * WARPS + w
+        var row_blocks = ceildiv(k, 16 * WARPS)
+        var tok0 = (rest // row_blocks) * 8 * NT_WIDE
+        var rt = (rest % row_blocks) * WARPS + w
         var seg = segment(ceildiv(n, step_cols[br]()), P_SPLIT, p)
         var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
         wide_part[br, gr, dtype, False](acc, r_data, r_scales, k, 16 * rt, n, seg[0], seg[1], x, t_parts, s, tok0, xs)
@@ -166,18 +167,41 @@ def prepares_x(s: Int, n: Int, k: Int, room: Bool) -> Bool:
 @always_inline
 def tiles_x[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, room: Bool) -> Bool:
     """Whether the one-launch op reads Q's activations in staged-tile order (`wg_ring_part`) from xp, where
-    `launch_permute` writes them first (and t after them, where L takes wgmma: `reduce_t`): wgmma, and room for
-    both in xp's XP_PARTS·s·n values (`tiles_values`)."""
-    var t_values = tiles_values[bl](s, k) if uses_wgmma[bl, dtype]() else 0
-    return uses_wgmma[bq, dtype]() and room and s > SMALL_S and tiles_values[bq](s, n) + t_values <= XP_PARTS * s * n
+    `launch_permute` writes them first (and t after them, where L takes wgmma: `reduce_t`): wgmma, room in xp's
+    XP_PARTS·s·n values for both and the pass counters (`counters_at`), and a token pass's stage-1 blocks all on the
+    SMs at once (they wait for each other: `launch_fused`)."""
+    var used = counters_at[bq, bl](s, n, k) + passes(s) * 4
+    return uses_wgmma[bq, dtype]() and room and s > SMALL_S and used <= XP_PARTS * s * n and pass_blocks(k) <= SMS
+
+
+@always_inline
+def pass_blocks(k: Int) -> Int:
+    """Stage-1 blocks of one token pass in the wide launch (consecutive: `project_block`): every row block of t × its
+    P_SPLIT K segments."""
+    return ceildiv(k, 16 * WARPS) * P_SPLIT
+
+
+@always_inline
+def counters_at[bq: Int, bl: Int](s: Int, n: Int, k: Int) -> Int:
+    """Where in xp (in values; 16-byte aligned) the one-launch op's int64 counters, one per token pass, follow x's and
+    t's staged tiles (`tiles_x`); `launch_permute` zeroes them."""
+    return tiles_values[bq](s, n) + tiles_values[bl](s, k)
 
 
 @always_inline
 def reduce_t[
     bl: Int, dtype: DType
-](xt: Pointer[mut=True, Scalar[dtype], _], t_parts: Pointer[Float32, _], s: Int, k: Int):
-    """Block-wide: xt = Σ_p t_parts[p] (s, k) rounded to `dtype`, in the staged-tile order of `bl`-bit codes
-    (`permute_x`)."""
+](
+    xt: Pointer[mut=True, Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    k: Int,
+    tpass: Int,
+    share: Int,
+    shares: Int,
+):
+    """Block-wide: share `share` of `shares` of token pass `tpass` (8·NT_WIDE tokens) of xt = Σ_p t_parts[p] (s, k)
+    rounded to `dtype`, in the staged-tile order of `bl`-bit codes (`permute_x`); the partials are added in p order."""
 
     @__parameter
     def t_value(token: Int, col: Int) -> Scalar[dtype]:
@@ -187,8 +211,10 @@ def reduce_t[
         return total.cast[dtype]()
 
     var row = tile_row_cols[bl](k)
-    for piece in range(Int(thread_idx.x), ceildiv(s, 8) * row, THREADS):
-        permute_x[bl, dtype, t_value](xt, s, k, piece // row, piece % row)
+    var pieces = min(NT_WIDE, ceildiv(s, 8) - NT_WIDE * tpass) * row
+    var per = ceildiv(pieces, shares)
+    for piece in range(share * per + Int(thread_idx.x), min((share + 1) * per, pieces), THREADS):
+        permute_x[bl, dtype, t_value](xt, s, k, NT_WIDE * tpass + piece // row, piece % row)
 
 
 @always_inline
@@ -308,12 +334,14 @@ def apply_block[
         else:
             wide_part[bq, gq, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, 0, q_steps, x, t_parts, s, tok0, xs)
         if k > 0:
-            comptime if fused:
-                wait_for(sync, wait_count)
             comptime if fused and use_xp and uses_wgmma[bl, dtype]():  # t in staged-tile order after Q's (`reduce_t`)
+                var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
+                wait_for(counters.unsafe_offset(bid % passes(s)), wait_count)  # the block's token pass
                 var xt = xp.unsafe_offset(tiles_values[bq](s, n))
                 wg_ring_part[bl, gl](acc, l_data, l_scales, m, 16 * rt, k, xt, s, tok0, xs)
             else:
+                comptime if fused:
+                    wait_for(sync, wait_count)
                 wide_part[bl, gl, dtype, True](
                     acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs
                 )
@@ -374,15 +402,22 @@ def launch_permute[
     x: Pointer[Scalar[dtype], _],
     s: Int,
     n: Int,
+    zero_at: Int,
+    zeros: Int,
     ctx: DeviceContext,
 ) raises:
     """Writes xt = x (s, n) in the staged-tile order of `bits`-bit codes (`permute_x`), one thread per 16 bytes, a row
-    of blocks per group of 8 tokens. Lets the next launch start at once: it waits before it reads xt (programmatic
-    dependent launch)."""
+    of blocks per group of 8 tokens; block (0, 0) also zeroes `zeros` int64 from value `zero_at` of xt on. Lets the next launch start at
+    once: it waits before it reads xt or the counters (programmatic dependent launch)."""
 
     @__parameter
     def kernel():
         launch_dependent_grids()
+        if block_idx.x == 0 and block_idx.y == 0:
+            var counters = xt.unsafe_offset(zero_at).unsafe_bitcast[Int64]()
+            for i in range(Int(thread_idx.x), zeros, THREADS):
+                counters[unsafe_offset=i] = 0
+
         @__parameter
         def x_value(token: Int, col: Int) -> Scalar[dtype]:
             return x[unsafe_offset=token * n + col]
@@ -491,10 +526,14 @@ def launch_fused[
 
     One launch: blocks [0, P) compute t's partial sums, blocks [P, P + A) compute y and wait. t_parts (P_SPLIT, s, k) is
     the op's second output, a scratch buffer that the graph discards. Stage-1 blocks have the lower indices, so they are
-    dispatched first and never wait: no deadlock whatever the grid size. They count themselves in sync[0]; stage-2
-    blocks read t after sync[0] = P (acquire), or P + 1 where the last of them adds one more once it has written t in
-    staged-tile order. Every block then counts itself in sync[1], and the last one resets both counters for the next
-    launch."""
+    dispatched first and never wait for a stage-2 block: no deadlock whatever the grid size. Where t goes to xp in
+    staged-tile order, the `pass_blocks` stage-1 blocks of a token pass (consecutive, all on the SMs at once:
+    `tiles_x`) count themselves in their pass's counter, wait for each other, each sum a share of the pass's t into
+    xp (`reduce_t`) and count themselves again; stage-2 blocks read their pass's t once its counter has counted every
+    stage-1 block twice (acquire). Else stage-1 blocks count themselves in sync[0], and stage-2 blocks read t after
+    sync[0] = P. Every block then counts itself in sync[1], and the last one resets both for the next launch.
+    (Before, the last stage-1 block summed all of t alone: 8192², seq 128, H100, about a third of the stage-2 blocks'
+    time was spent waiting for it.)"""
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
     if s <= SMALL_S:
         if k > 0:
@@ -514,17 +553,23 @@ def launch_fused[
         var bid = Int(block_idx.x)
         var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
         comptime t_tiles = use_xp and uses_wgmma[bl, dtype]()
+        var group = pass_blocks(k)
         if bid < np:
             project_block[br, gr, True](bid, red, xs, t_parts, x, r_data, r_scales, xp, False, s, n, k)
-            var last = arrive(sync, np - 1, red)  # the last stage-1 block: every partial sum is in
-            comptime if t_tiles:
-                if last:
-                    reduce_t[bl](xp.unsafe_offset(tiles_values[bq](s, n)), t_parts, s, k)
-                    _ = arrive(sync, -1, red)
-        else:
+            comptime if t_tiles:  # the pass's blocks sum its t partials together, once all are in
+                var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
+                var counter = counters.unsafe_offset(bid // group)
+                wait_on_dependent_grids()  # the counters are zeroed by the permute launch
+                _ = arrive(counter, -1, red)
+                wait_for(counter, group)
+                reduce_t[bl](xp.unsafe_offset(tiles_values[bq](s, n)), t_parts, s, k, bid // group, bid % group, group)
+                _ = arrive(counter, -1, red)
+            else:
+                _ = arrive(sync, -1, red)
+        else:  # with t_tiles, t of the block's token pass is ready once its stage-1 blocks arrived twice
             apply_block[bq, gq, bl, gl, True, True, False, use_xp](
                 bid - np, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
-                has_bias_ != 0, sync, np + (1 if t_tiles else 0),
+                has_bias_ != 0, sync, 2 * group if t_tiles else np,
             )
         if thread_idx.x == 0:
             var done = sync.unsafe_offset(1)
@@ -536,7 +581,7 @@ def launch_fused[
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if tiles_x[bq, bl, dtype](s, n, k, xp_room):
-        launch_permute[bq](xp, x, s, n, ctx)
+        launch_permute[bq](xp, x, s, n, counters_at[bq, bl](s, n, k), passes(s), ctx)
         ctx.enqueue_function[kernel[True]](
             Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total,
             block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
