@@ -25,8 +25,9 @@ Launch shapes:
                           K-major layout (`wg_part`), x's next step on its way by cp.async; in the one-launch
                           op with 2-bit Q, x comes already in that order from a launch before it (`tiles_x`)
 The low-rank term runs the same routines twice: t = x·Rᵀ (P_SPLIT partial sums over K steps), then t·Lᵀ appended
-to the K loop of x·Qᵀ (the wide launch sums the partials while reading t; at decode each block sums them once into
-shared memory, `sum_t`).
+to the K loop of x·Qᵀ (in the one-launch op with staged tiles the stage-1 blocks of each token pass sum them into
+xp, `reduce_t`; else the wide launch sums them while reading t; at decode each block sums them once into shared
+memory, `sum_t`).
 """
 
 from std.math import ceildiv
