@@ -286,7 +286,8 @@ def apply_block[
     wait_count: Int,
 ):
     """Block `bid` of stage 2: its rows of y = x·Qᵀ + t·Lᵀ (+ b); with `fused` (one launch, s > SMALL_S), t is ready
-    once sync[0] = wait_count; `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`); in the wide
+    once wait_count is reached by the block's pass counter where L reads t from xp (`counters_at`), else by sync[0];
+    `rings` and `use_xp` where `all_ring` and `xp_fits` say so (`decode_warp`); in the wide
     launch `use_xp` where `tiles_x` says so (Q's K loop from xp in staged-tile order, written by the previous launch,
     and L's from t in that order where L takes wgmma). At decode, launched dependent on stage 1 (programmatic dependent
     launch): Q's first codes are requested while stage 1 runs; xp, t and y wait for its end. (Waiting for xp alone,
