@@ -51,7 +51,9 @@ from .gpu_decode import XP_PARTS, decode_warp, prepare_x, reduce_warps, sum_t
 from .gpu_wide import RING_SLOTS, X_WORDS, permute_x, tile_row_cols, tiles_values, uses_wgmma, wg_ring_part, wide_part
 
 comptime SMS = 132
-"""Streaming multiprocessors of the H100 SXM the tile rule was measured on (`decode_tiles`)."""
+"""Streaming multiprocessors of the H100 SXM the tile rules were measured on (`decode_tiles`, `k_splits`)."""
+comptime MAX_SPLITS = 8
+"""Most K splits of a wide tile (`k_splits`)."""
 
 
 @always_inline
@@ -187,6 +189,29 @@ def counters_at[bq: Int, bl: Int](s: Int, n: Int, k: Int) -> Int:
     """Where in xp (in values; 16-byte aligned) the one-launch op's int64 counters, one per token pass, follow x's and
     t's staged tiles (`tiles_x`); `launch_permute` zeroes them."""
     return tiles_values[bq](s, n) + tiles_values[bl](s, k)
+
+
+@always_inline
+def partials_at[bq: Int, bl: Int](s: Int, n: Int, k: Int, m: Int) -> Int:
+    """Where in xp (in values; 16-byte aligned) the one-launch op's split-K float32 partial sums (splits, s, m)
+    follow the counters: one per token pass, then one per wide tile (`k_splits`)."""
+    return counters_at[bq, bl](s, n, k) + ceildiv((passes(s) + apply_blocks(s, m)) * 4, 8) * 8
+
+
+@always_inline
+def k_splits[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, m: Int, room: Bool) -> Int:
+    """K splits of the one-launch op's wide tiles: as many as the SMs take beside the tiles and stage 1 (at most
+    MAX_SPLITS, at least 4 of Q's K steps each) where their partial sums fit in xp (`partials_at`); 1 without
+    `tiles_x`."""
+    if not tiles_x[bq, bl, dtype](s, n, k, room):
+        return 1
+    var room_values = XP_PARTS * s * n - partials_at[bq, bl](s, n, k, m)
+    var free = SMS - (project_blocks(s, k) if k > 0 else 0)
+    var most = min(MAX_SPLITS, free // apply_blocks(s, m), ceildiv(n, step_cols[bq]()) // 4)
+    for splits in range(most, 1, -1):
+        if splits * s * m * 2 <= room_values:
+            return splits
+    return 1
 
 
 @always_inline
@@ -328,31 +353,89 @@ def apply_block[
             var b = bias[unsafe_offset=row] if has_bias else Float32(0)
             y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
     else:
-        var rt, tok0 = (bid // passes(s)) * WARPS + w, (bid % passes(s)) * 8 * NT_WIDE
-        var q_steps, l_steps = ceildiv(n, step_cols[bq]()), ceildiv(k, step_cols[bl]())
-        var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
-        comptime if use_xp and uses_wgmma[bq, dtype]():
-            wg_ring_part[bq, gq](acc, q_codes, q_scales, m, 16 * rt, n, xp, s, tok0, xs)
+        wide_block[bq, gq, bl, gl, False, False](
+            bid, 0, 1, red, xs, y, x, stack_allocation[1, Scalar[dtype]](), t_parts, q_codes, q_scales, l_data,
+            l_scales, bias, s, m, n, k, has_bias, sync, 0,
+        )
+
+
+@always_inline
+def wide_block[
+    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, fused: Bool, use_xp: Bool
+](
+    tile: Int,
+    sp: Int,
+    splits: Int,
+    red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+    y: Pointer[mut=True, Scalar[dtype], _],
+    x: Pointer[Scalar[dtype], _],
+    xp: Pointer[mut=True, Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    q_codes: Pointer[UInt8, _],
+    q_scales: Pointer[Float16, _],
+    l_data: Pointer[UInt8, _],
+    l_scales: Pointer[Float16, _],
+    bias: Pointer[Float32, _],
+    s: Int,
+    m: Int,
+    n: Int,
+    k: Int,
+    has_bias: Bool,
+    sync: Pointer[Int64, _],
+    wait_count: Int,
+):
+    """Wide launch: tile `tile` (128 rows × 64 tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
+    steps cut into `splits` ranges, L's loop in the last one. With `use_xp` (`tiles_x`) Q's activations, and t where
+    L takes wgmma, come in staged-tile order from xp; with splits > 1 (`k_splits`, one launch only) each split leaves
+    its float32 partial sums in xp (`partials_at`) and the last of the tile's splits to finish adds them up in split
+    order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the tile's pass
+    counter (where L takes wgmma: `launch_fused`), else sync[0], reaches wait_count."""
+    var w, lane = Int(warp_id()), Int(lane_id())
+    var rt, tok0 = (tile // passes(s)) * WARPS + w, (tile % passes(s)) * 8 * NT_WIDE
+    var q_steps, l_steps = ceildiv(n, step_cols[bq]()), ceildiv(k, step_cols[bl]())
+    var seg = segment(q_steps, splits, sp)
+    var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
+    comptime if use_xp and uses_wgmma[bq, dtype]():
+        wg_ring_part[bq, gq](acc, q_codes, q_scales, m, 16 * rt, n, seg[0], seg[1], xp, s, tok0, xs)
+    else:
+        wide_part[bq, gq, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, seg[0], seg[1], x, t_parts, s, tok0, xs)
+    if k > 0 and sp == splits - 1:
+        comptime if fused and use_xp and uses_wgmma[bl, dtype]():  # t in staged-tile order after Q's (`reduce_t`)
+            var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
+            wait_for(counters.unsafe_offset(tile % passes(s)), wait_count)  # the tile's token pass
+            var xt = xp.unsafe_offset(tiles_values[bq](s, n))
+            wg_ring_part[bl, gl](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, xt, s, tok0, xs)
         else:
-            wide_part[bq, gq, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, 0, q_steps, x, t_parts, s, tok0, xs)
-        if k > 0:
-            comptime if fused and use_xp and uses_wgmma[bl, dtype]():  # t in staged-tile order after Q's (`reduce_t`)
-                var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
-                wait_for(counters.unsafe_offset(bid % passes(s)), wait_count)  # the block's token pass
-                var xt = xp.unsafe_offset(tiles_values[bq](s, n))
-                wg_ring_part[bl, gl](acc, l_data, l_scales, m, 16 * rt, k, xt, s, tok0, xs)
-            else:
-                comptime if fused:
-                    wait_for(sync, wait_count)
-                wide_part[bl, gl, dtype, True](
-                    acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs
-                )
-        comptime for e in range(4 * NT_WIDE):
-            var rc = fragment_coords(lane, e % 4)
-            var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
-            if row < m and token < s:
-                var b = bias[unsafe_offset=row] if has_bias else Float32(0)
-                y[unsafe_offset=token * m + row] = (acc[e] + b).cast[dtype]()
+            comptime if fused:
+                wait_for(sync, wait_count)
+            wide_part[bl, gl, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
+    comptime if use_xp:  # (splits > 1 only with tiles)
+        if splits > 1:
+            wait_on_dependent_grids()  # the counters are zeroed by the permute launch (an empty range never waited)
+            var partials = xp.unsafe_offset(partials_at[bq, bl](s, n, k, m)).unsafe_bitcast[Float32]()
+            comptime for e in range(4 * NT_WIDE):
+                var rc = fragment_coords(lane, e % 4)
+                var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+                if row < m and token < s:
+                    partials[unsafe_offset=(sp * s + token) * m + row] = acc[e]
+            var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
+            var counter = counters.unsafe_offset(passes(s) + tile)
+            if not arrive(counter, splits - 1, red):  # only the tile's last split goes on
+                return
+            acc = 0
+            for p in range(splits):
+                comptime for e in range(4 * NT_WIDE):
+                    var rc = fragment_coords(lane, e % 4)
+                    var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+                    if row < m and token < s:
+                        acc[e] += partials[unsafe_offset=(p * s + token) * m + row]
+    comptime for e in range(4 * NT_WIDE):
+        var rc = fragment_coords(lane, e % 4)
+        var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+        if row < m and token < s:
+            var b = bias[unsafe_offset=row] if has_bias else Float32(0)
+            y[unsafe_offset=token * m + row] = (acc[e] + b).cast[dtype]()
 
 
 def launch_project[
@@ -545,15 +628,18 @@ def launch_fused[
         )
         return
     var n_project = project_blocks(s, k) if k > 0 else 0
-    var total = n_project + apply_blocks(s, m)
+    var splits = k_splits[bq, bl, dtype](s, n, k, m, xp_room)
+    var total = n_project + apply_blocks(s, m) * splits
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
-    def kernel[use_xp: Bool](s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64):
+    def kernel[use_xp: Bool](
+        s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64, splits_: Int64
+    ):
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         var red = xs.unsafe_bitcast[Float32]()
         var bid = Int(block_idx.x)
-        var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
+        var s, m, n, k, np, splits = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_), Int(splits_)
         comptime t_tiles = use_xp and uses_wgmma[bl, dtype]()
         var group = pass_blocks(k)
         if bid < np:
@@ -568,10 +654,12 @@ def launch_fused[
                 _ = arrive(counter, -1, red)
             else:
                 _ = arrive(sync, -1, red)
-        else:  # with t_tiles, t of the block's token pass is ready once its stage-1 blocks arrived twice
-            apply_block[bq, gq, bl, gl, True, True, False, use_xp](
-                bid - np, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales, bias, s, m, n, k,
-                has_bias_ != 0, sync, 2 * group if t_tiles else np,
+        else:  # a tile's splits side by side; with t_tiles, t of the tile's token pass is ready once its stage-1
+            # blocks arrived twice
+            var a = bid - np
+            wide_block[bq, gq, bl, gl, True, use_xp](
+                a // splits, a % splits, splits, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales,
+                bias, s, m, n, k, has_bias_ != 0, sync, 2 * group if t_tiles else np,
             )
         if thread_idx.x == 0:
             var done = sync.unsafe_offset(1)
@@ -583,14 +671,15 @@ def launch_fused[
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if tiles_x[bq, bl, dtype](s, n, k, xp_room):
-        launch_permute[bq](xp, x, s, n, counters_at[bq, bl](s, n, k), passes(s), ctx)
+        var zeros = passes(s) + (apply_blocks(s, m) if splits > 1 else 0)  # pass counters, tile counters
+        launch_permute[bq](xp, x, s, n, counters_at[bq, bl](s, n, k), zeros, ctx)
         ctx.enqueue_function[kernel[True]](
-            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total,
-            block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits),
+            grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
             attributes=pdl_launch_attributes(PDLLevel(1)),
         )
         return
     ctx.enqueue_function[kernel[False]](
-        Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), grid_dim=total, block_dim=THREADS,
-        shared_mem_bytes=smem, func_attribute=attr,
+        Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits), grid_dim=total,
+        block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
     )

@@ -386,39 +386,42 @@ def wg_ring_part[
     nrows: Int,
     row0: Int,
     ncols: Int,
+    first: Int,
+    last: Int,
     xt: Pointer[Scalar[dtype], _],
     s: Int,
     tok0: Int,
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
-    """`wg_part` over all K steps of x with x already in B-tile order in xt (`permute_x`, written by the previous
-    launch: waited for here, after the first codes are requested): the steps' tiles go by cp.async straight into a
-    ring of RING_SLOTS staged tiles, two steps ahead, so a step needs one barrier and no permute."""
+    """`wg_part` over K steps first … last - 1 with x already in B-tile order in xt (`permute_x`, written by the
+    previous launch: waited for here, after the first codes are requested): the steps' tiles go by cp.async straight
+    into a ring of RING_SLOTS staged tiles, two steps ahead, so a step needs one barrier and no permute."""
     comptime cols = step_cols[bits]()
-    var nsteps = ceildiv(ncols, cols)
+    if first >= last:
+        return
     var row = tile_row_cols[bits](ncols)
     var lane = Int(lane_id())
     var ra = row0 + lane // 4
     var q0 = (lane % 4) * chunk_cols[bits]()
-    var cur = load_step[bits, group](data, scales, ra, nrows, ncols, q0)
+    var cur = load_step[bits, group](data, scales, ra, nrows, ncols, first * cols + q0)
     wait_on_dependent_grids()  # xt is the previous launch's output
     var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
     comptime for ahead in range(RING_SLOTS - 1):
-        if ahead < nsteps:
-            wg_issue_tile[bits](xt, s, row, tok0, ahead, xs.unsafe_offset(ahead * X_WORDS))
-    for step in range(nsteps):
-        if step + 1 < nsteps:  # this thread's copies of `step` have landed (the wait takes an immediate)
+        if first + ahead < last:
+            wg_issue_tile[bits](xt, s, row, tok0, first + ahead, xs.unsafe_offset(ahead * X_WORDS))
+    for i in range(last - first):
+        if i + 1 < last - first:  # this thread's copies of step i have landed (the wait takes an immediate)
             async_copy_wait_group(1)
         else:
             async_copy_wait_group(0)
         fence_proxy_async()
-        barrier()  # every thread's copies of `step` have landed; every wgmma of step - 1 is done
+        barrier()  # every thread's copies of step i have landed; every wgmma of step i - 1 is done
         var nxt = cur
-        if step + 2 < nsteps:
-            wg_issue_tile[bits](xt, s, row, tok0, step + 2, xs.unsafe_offset((step + 2) % RING_SLOTS * X_WORDS))
-        if step + 1 < nsteps:
-            nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q0)
-        wg_multiply[bits](acc, cur, desc + step % RING_SLOTS * (X_WORDS * 4))
+        if i + 2 < last - first:
+            wg_issue_tile[bits](xt, s, row, tok0, first + i + 2, xs.unsafe_offset((i + 2) % RING_SLOTS * X_WORDS))
+        if i + 1 < last - first:
+            nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (first + i + 1) * cols + q0)
+        wg_multiply[bits](acc, cur, desc + i % RING_SLOTS * (X_WORDS * 4))
         cur = nxt
 
 
