@@ -353,7 +353,7 @@ def apply_block[
             var b = bias[unsafe_offset=row] if has_bias else Float32(0)
             y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
     else:
-        wide_block[bq, gq, bl, gl, False, False](
+        wide_block[bq, gq, bl, gl, False, False, False](
             bid, 0, 1, red, xs, y, x, stack_allocation[1, Scalar[dtype]](), t_parts, q_codes, q_scales, l_data,
             l_scales, bias, s, m, n, k, has_bias, sync, 0,
         )
@@ -361,7 +361,7 @@ def apply_block[
 
 @always_inline
 def wide_block[
-    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, fused: Bool, use_xp: Bool
+    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, fused: Bool, use_xp: Bool, split: Bool
 ](
     tile: Int,
     sp: Int,
@@ -410,7 +410,7 @@ def wide_block[
             comptime if fused:
                 wait_for(sync, wait_count)
             wide_part[bl, gl, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
-    comptime if use_xp:  # (splits > 1 only with tiles)
+    comptime if split:  # (only with tiles: `k_splits`)
         if splits > 1:
             wait_on_dependent_grids()  # the counters are zeroed by the permute launch (an empty range never waited)
             var partials = xp.unsafe_offset(partials_at[bq, bl](s, n, k, m)).unsafe_bitcast[Float32]()
@@ -633,13 +633,16 @@ def launch_fused[
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
-    def kernel[use_xp: Bool](
+    def kernel[use_xp: Bool, split: Bool](
         s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64, splits_: Int64
     ):
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         var red = xs.unsafe_bitcast[Float32]()
         var bid = Int(block_idx.x)
-        var s, m, n, k, np, splits = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_), Int(splits_)
+        var s, m, n, k, np = Int(s_), Int(m_), Int(n_), Int(k_), Int(n_project_)
+        var splits = 1  # a constant where the launch has no splits: that kernel compiles as without split K
+        comptime if split:
+            splits = Int(splits_)
         comptime t_tiles = use_xp and uses_wgmma[bl, dtype]()
         var group = pass_blocks(k)
         if bid < np:
@@ -657,7 +660,7 @@ def launch_fused[
         else:  # a tile's splits side by side; with t_tiles, t of the tile's token pass is ready once its stage-1
             # blocks arrived twice
             var a = bid - np
-            wide_block[bq, gq, bl, gl, True, use_xp](
+            wide_block[bq, gq, bl, gl, True, use_xp, split](
                 a // splits, a % splits, splits, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales,
                 bias, s, m, n, k, has_bias_ != 0, sync, 2 * group if t_tiles else np,
             )
@@ -673,13 +676,20 @@ def launch_fused[
     if tiles_x[bq, bl, dtype](s, n, k, xp_room):
         var zeros = passes(s) + (apply_blocks(s, m) if splits > 1 else 0)  # pass counters, tile counters
         launch_permute[bq](xp, x, s, n, counters_at[bq, bl](s, n, k), zeros, ctx)
-        ctx.enqueue_function[kernel[True]](
-            Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits),
-            grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
-            attributes=pdl_launch_attributes(PDLLevel(1)),
-        )
+        if splits > 1:
+            ctx.enqueue_function[kernel[True, True]](
+                Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits),
+                grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+                attributes=pdl_launch_attributes(PDLLevel(1)),
+            )
+        else:
+            ctx.enqueue_function[kernel[True, False]](
+                Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
+                grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+                attributes=pdl_launch_attributes(PDLLevel(1)),
+            )
         return
-    ctx.enqueue_function[kernel[False]](
-        Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits), grid_dim=total,
+    ctx.enqueue_function[kernel[False, False]](
+        Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1), grid_dim=total,
         block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
     )
