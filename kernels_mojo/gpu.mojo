@@ -255,7 +255,9 @@ def prefetch_span(p: Pointer[UInt8, _], first: Int, last: Int):
 
 @always_inline
 def arrive(
-    counter: Pointer[mut=True, Int64, _], last: Int, red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED]
+    counter: Pointer[mut=True, Int64, _],
+    last: Int,
+    red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
 ) -> Bool:
     """Block-wide: add one to counter[0] once this block's writes are visible device-wide (release; acquire too, so
     the last to arrive sees the others' writes); whether the count before was `last`, on every thread."""
@@ -492,8 +494,8 @@ def launch_permute[
     ctx: DeviceContext,
 ) raises:
     """Writes xt = x (s, n) in the staged-tile order of `bits`-bit codes (`permute_x`), one thread per 16 bytes, a row
-    of blocks per group of 8 tokens; block (0, 0) also zeroes `zeros` int64 from value `zero_at` of xt on. Lets the next launch start at
-    once: it waits before it reads xt or the counters (programmatic dependent launch)."""
+    of blocks per group of 8 tokens; block (0, 0) also zeroes `zeros` int64 from value `zero_at` of xt on. Lets the
+    next launch start at once: it waits before it reads xt or the counters (programmatic dependent launch)."""
 
     @__parameter
     def kernel():
