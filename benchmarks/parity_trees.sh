@@ -18,5 +18,5 @@ for tag in "$@"; do
 done
 wait
 for tag in "$@"; do
-  echo "$tag: $(grep -E 'passed|failed|error' "$out/parity-$tag.log" | tail -n 1) | $(tail -n 1 "$out/warm-$tag.err")"
+  echo "$tag: $(grep -E 'passed|failed|skipped|error' "$out/parity-$tag.log" | tail -n 1) | $(tail -n 1 "$out/warm-$tag.err")"
 done
