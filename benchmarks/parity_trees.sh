@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU host (after .gpu/env/activate.sh): GPU parity of several kernel trees side by side, then a short bench run of
 # each so that its graphs are compiled before a timed `ab_trees.sh`:  bash benchmarks/parity_trees.sh TAG...
-# TAG "new" is this tree, any other the folder .gpu/TAG (unpacked from .gpu/trees.tgz if that is here). Each tree
+# TAG names the folder .gpu/TAG (unpacked from .gpu/trees.tgz if that is here), else this tree (e.g. "new"), as in
+# `ab_trees.sh`. Each tree
 # compiles into its own MAX cache, /tmp/mc-TAG, the one `ab_trees.sh` uses. SEQ and PROJ choose the warmed graphs
 # (default: seq 128, every projection). Logs: $OUT/parity-TAG.log, $OUT/warm-TAG.err.
 set -u
 out=${OUT:-/tmp}
 [ -f .gpu/trees.tgz ] && tar xzf .gpu/trees.tgz -C .gpu
 for tag in "$@"; do
-  tree=$PWD; [ "$tag" != new ] && tree=$PWD/.gpu/$tag
+  tree=$PWD; [ -d ".gpu/$tag" ] && tree=$PWD/.gpu/$tag
   ( cd "$tree" && export MODULAR_CACHE_DIR=/tmp/mc-$tag PYTHONPATH="$tree:/tmp/site"
     timeout 420 python3 -m pytest tests/kernels/test_max_gpu.py -q -p no:cacheprovider > "$out/parity-$tag.log" 2>&1
     echo "parity rc $?" >> "$out/parity-$tag.log"

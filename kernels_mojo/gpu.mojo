@@ -45,7 +45,7 @@ from max.gpu.primitives.grid_controls import (
 )
 from max.gpu.host import DeviceContext, FuncAttribute
 
-from .gpu_tiles import B_T, B_X, NT_WIDE, P_SPLIT, SMALL_S, THREADS, WARPS, X_ROW, fragment_coords, segment, step_cols
+from .gpu_tiles import B_T, B_X, NT_WIDE, P_SPLIT, SMALL_S, THREADS, WARPS, X_ROW, segment, step_cols, wide_coords
 from .gpu_ring import RING_X_TOKENS, ring_fits, ring_prefetch, ring_words, t_row
 from .gpu_decode import XP_PARTS, decode_warp, prepare_x, reduce_warps, sum_t
 from .gpu_wide import RING_SLOTS, X_WORDS, permute_x, tile_row_cols, tiles_values, uses_wgmma, wg_ring_part, wide_part
@@ -141,8 +141,7 @@ def project_block[
         var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
         wide_part[br, gr, dtype, False](acc, r_data, r_scales, k, 16 * rt, n, seg[0], seg[1], x, t_parts, s, tok0, xs)
         comptime for e in range(4 * NT_WIDE):
-            var rc = fragment_coords(lane, e % 4)
-            var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+            var row, token = wide_coords(lane, e, 16 * rt, tok0)
             if row < k and token < s:
                 t_parts[unsafe_offset=(p * s + token) * k + row] = acc[e]
 
@@ -208,10 +207,7 @@ def k_splits[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, m: Int, roo
     var room_values = XP_PARTS * s * n - partials_at[bq, bl](s, n, k, m)
     var free = SMS - (project_blocks(s, k) if k > 0 else 0)
     var most = min(MAX_SPLITS, free // apply_blocks(s, m), ceildiv(n, step_cols[bq]()) // 4)
-    for splits in range(most, 1, -1):
-        if splits * s * m * 2 <= room_values:
-            return splits
-    return 1
+    return max(1, min(most, room_values // (2 * s * m)))  # a split's partials: 2·s·m values
 
 
 @always_inline
@@ -417,8 +413,7 @@ def wide_block[
             wait_on_dependent_grids()  # the counters are zeroed by the permute launch (an empty range never waited)
             var partials = xp.unsafe_offset(partials_at[bq, bl](s, n, k, m)).unsafe_bitcast[Float32]()
             comptime for e in range(4 * NT_WIDE):
-                var rc = fragment_coords(lane, e % 4)
-                var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+                var row, token = wide_coords(lane, e, 16 * rt, tok0)
                 if row < m and token < s:
                     partials[unsafe_offset=(sp * s + token) * m + row] = acc[e]
             var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
@@ -428,13 +423,11 @@ def wide_block[
             acc = 0
             for p in range(splits):
                 comptime for e in range(4 * NT_WIDE):
-                    var rc = fragment_coords(lane, e % 4)
-                    var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+                    var row, token = wide_coords(lane, e, 16 * rt, tok0)
                     if row < m and token < s:
                         acc[e] += partials[unsafe_offset=(p * s + token) * m + row]
     comptime for e in range(4 * NT_WIDE):
-        var rc = fragment_coords(lane, e % 4)
-        var row, token = 16 * rt + rc[0], tok0 + 8 * (e // 4) + rc[1]
+        var row, token = wide_coords(lane, e, 16 * rt, tok0)
         if row < m and token < s:
             var b = bias[unsafe_offset=row] if has_bias else Float32(0)
             y[unsafe_offset=token * m + row] = (acc[e] + b).cast[dtype]()

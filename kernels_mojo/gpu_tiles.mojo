@@ -323,3 +323,11 @@ def fragment_coords(lane: Int, i: Int) -> Tuple[Int, Int]:
     """(row in tile, token in tile) of accumulator element i of a C fragment held by `lane`."""
     var g, q = lane // 4, lane % 4
     return (g + 8 * (i // 2), 2 * q + i % 2)
+
+
+@always_inline
+def wide_coords(lane: Int, e: Int, row0: Int, tok0: Int) -> Tuple[Int, Int]:
+    """(row, token) of element e of a wide accumulator (a C fragment per 8 tokens) held by `lane`: the warp's 16 rows
+    from row0, the tokens from tok0."""
+    var rc = fragment_coords(lane, e % 4)
+    return (row0 + rc[0], tok0 + 8 * (e // 4) + rc[1])
