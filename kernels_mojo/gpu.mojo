@@ -405,7 +405,7 @@ def wide_block[
     sync: Pointer[Int64, _],
     wait_count: Int,
 ):
-    """Wide launch: tile `tile` (128 rows × 64 tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
+    """Wide launch: tile `tile` (128 rows × 8·nt tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
     steps cut into `splits` ranges, L's loop in the last one. With `use_xp` (`tiles_x`) Q's activations, and t where
     L takes wgmma, come in staged-tile order from xp; with splits > 1 (`k_splits`, one launch only) each split leaves
     its float32 partial sums in xp (`partials_at`) and the last of the tile's splits to finish adds them up in split
@@ -421,7 +421,8 @@ def wide_block[
     comptime if use_xp and uses_wgmma[bq, dtype]():
         wg_ring_part[bq, gq, nt=nt](acc, q_codes, q_scales, m, 16 * rt, n, seg[0], seg[1], xp, s, tok0, xs)
     else:
-        var narrow = rebind[SIMD[DType.float32, 4 * NT_WIDE]](acc)  # (nt is NT_WIDE here)
+        comptime assert nt == NT_WIDE
+        var narrow = rebind[SIMD[DType.float32, 4 * NT_WIDE]](acc)
         wide_part[bq, gq, dtype, False](
             narrow, q_codes, q_scales, m, 16 * rt, n, seg[0], seg[1], x, t_parts, s, tok0, xs
         )
@@ -438,7 +439,8 @@ def wide_block[
         else:
             comptime if fused:
                 wait_for(sync, wait_count)
-            var narrow = rebind[SIMD[DType.float32, 4 * NT_WIDE]](acc)  # (nt is NT_WIDE here)
+            comptime assert nt == NT_WIDE
+            var narrow = rebind[SIMD[DType.float32, 4 * NT_WIDE]](acc)
             wide_part[bl, gl, dtype, True](narrow, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
             acc = rebind[SIMD[DType.float32, 4 * nt]](narrow)
     comptime if split:  # (only with tiles: `k_splits`)
@@ -705,13 +707,15 @@ def launch_fused[
     if tiles_x[bq, bl, dtype](s, n, k, xp_room):
         var zeros = passes(s) + (apply_blocks(s, m) if splits > 1 else 0)  # pass counters, tile counters
         launch_permute[bq](xp, x, s, n, counters_at[bq, bl](s, n, k), zeros, ctx)
-        if nt != NT_WIDE:
-            ctx.enqueue_function[kernel[True, False, 2 * NT_WIDE]](
-                Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
-                grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
-                attributes=pdl_launch_attributes(PDLLevel(1)),
-            )
-        elif splits > 1:
+        comptime if uses_wgmma[bq, dtype]() and uses_wgmma[bl, dtype]():  # (else nt is NT_WIDE: `tile_nt`)
+            if nt != NT_WIDE:
+                ctx.enqueue_function[kernel[True, False, 2 * NT_WIDE]](
+                    Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
+                    grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+                    attributes=pdl_launch_attributes(PDLLevel(1)),
+                )
+                return
+        if splits > 1:
             ctx.enqueue_function[kernel[True, True, NT_WIDE]](
                 Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits),
                 grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
