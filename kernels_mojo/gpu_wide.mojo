@@ -16,6 +16,7 @@ from max.gpu.compute.mma import (
     WGMMADescriptor,
 )
 
+from .gpu_codes import code_pair, magic_word
 from .gpu_tiles import (
     B_SHARED,
     NT_WIDE,
@@ -252,6 +253,7 @@ def wg_part[
     var cur = load_step[bits, group](data, scales, ra, nrows, ncols, first * cols + q * chunk)
     # the descriptor's offsets in 16-byte units (MAX 26.7's `create` stores them as given): SBO 256 B, LBO 128 B
     var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
+    var magic = magic_word[dtype](s)
     for step in range(first, last):
         if copies:
             async_copy_wait_group(0)
@@ -266,8 +268,24 @@ def wg_part[
             if copies:
                 wg_issue_x[bits](x, s, ncols, tok0, step + 1, nat_tile)
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q * chunk)
-        wg_multiply[bits](acc, cur, desc)
+        wg_multiply[bits](acc, cur, desc, magic)
         cur = nxt
+
+
+@always_inline
+def shifted_pair[
+    dtype: DType, j: Int
+](
+    word: UInt32,
+    magic: UInt32,
+    scales: Tuple[SIMD[dtype, 2], SIMD[dtype, 2], SIMD[dtype, 2]],
+    shift: SIMD[dtype, 2],
+) -> SIMD[dtype, 2]:
+    """Columns (j, j + 8) of a word of 2-bit codes dequantized as `decode_pair` does, with the same bits, from
+    `code_pair`'s 2^7 + 4^p·c (p = j mod 3; shifts 0, 6, 12 shared by a word's 8 pairs, the mask LOP3's immediate):
+    (v − 2^7)·scale/4^p + shift; `scales` holds scale/4^p for p = 0, 1, 2 (exact: powers of two apart)."""
+    var v = code_pair[dtype, j](word, magic)
+    return (v - SIMD[dtype, 2](128.0)).fma(scales[j % 3], shift)
 
 
 @always_inline
@@ -277,16 +295,31 @@ def wg_multiply[
     mut acc: SIMD[DType.float32, 4 * NT_WIDE],
     cur: Tuple[SIMD[DType.uint32, 4], SIMD[DType.uint32, 4], Float16, Float16],
     desc: WGMMADescriptor[dtype],
+    magic: UInt32,
 ):
     """acc += the warpgroup's dequantized K step (`load_step`'s chunk of each lane, as mma.sync A fragments) times
     the staged B tile at `desc` (`WG_SLICE_BYTES` per k16 slice): 16 (2-bit) or 8 (4-bit) wgmmas m64n64k16 in 4
-    commit groups, each group's A registers free again once the next is issued; returns with all of them done."""
+    commit groups, each group's A registers free again once the next is issued; returns with all of them done.
+    2-bit codes decode by `shifted_pair` (`magic`: `magic_word`), others by `a_operand`."""
     comptime mmas = chunk_cols[bits]() // 16
     var sa, sha, sb, shb = row_scales[bits, dtype](cur[2], cur[3])
+    comptime quarter, sixteenth = SIMD[dtype, 2](0.25), SIMD[dtype, 2](0.0625)
+    var qa, qb = (sa, sa * quarter, sa * sixteenth), (sb, sb * quarter, sb * sixteenth)
     comptime for blk in range(4):
         wgmma_fence_aligned()  # A fragments written by ordinary instructions
         comptime for h in range(mmas):
-            var a = a_operand[bits, dtype](cur[0], cur[1], blk, h, sa, sha, sb, shb)
+            var a: SIMD[dtype, 8]
+            comptime if bits == 2:
+                var wa, wb = cur[0][blk], cur[1][blk]
+                var lo = shifted_pair[dtype, 2 * h](wa, magic, qa, sha).join(
+                    shifted_pair[dtype, 2 * h](wb, magic, qb, shb)
+                )
+                var hi = shifted_pair[dtype, 2 * h + 1](wa, magic, qa, sha).join(
+                    shifted_pair[dtype, 2 * h + 1](wb, magic, qb, shb)
+                )
+                a = lo.join(hi)
+            else:
+                a = a_operand[bits, dtype](cur[0], cur[1], blk, h, sa, sha, sb, shb)
             acc = wgmma_async[64, 8 * NT_WIDE, 16, a_type=dtype, b_type=dtype](
                 a, desc + (blk * mmas + h) * WG_SLICE_BYTES, acc
             )
@@ -404,6 +437,7 @@ def wg_ring_part[
     var ra = row0 + lane // 4
     var q0 = (lane % 4) * chunk_cols[bits]()
     var cur = load_step[bits, group](data, scales, ra, nrows, ncols, first * cols + q0)
+    var magic = magic_word[dtype](s)
     wait_on_dependent_grids()  # xt is the previous launch's output
     var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
     comptime for ahead in range(RING_SLOTS - 1):
@@ -421,7 +455,7 @@ def wg_ring_part[
             wg_issue_tile[bits](xt, s, row, tok0, first + i + 2, xs.unsafe_offset((i + 2) % RING_SLOTS * X_WORDS))
         if i + 1 < last - first:
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (first + i + 1) * cols + q0)
-        wg_multiply[bits](acc, cur, desc + i % RING_SLOTS * (X_WORDS * 4))
+        wg_multiply[bits](acc, cur, desc + i % RING_SLOTS * (X_WORDS * 4), magic)
         cur = nxt
 
 
