@@ -23,9 +23,9 @@ from .gpu_tiles import (
     THREADS,
     X_ROW,
     ZERO,
-    a_operand,
     b_words,
     chunk_cols,
+    half2,
     load_step,
     load_t8,
     load_x8,
@@ -274,18 +274,24 @@ def wg_part[
 
 @always_inline
 def shifted_pair[
-    dtype: DType, j: Int
+    bits: Int, dtype: DType, j: Int
 ](
     word: UInt32,
     magic: UInt32,
     scales: Tuple[SIMD[dtype, 2], SIMD[dtype, 2], SIMD[dtype, 2]],
     shift: SIMD[dtype, 2],
 ) -> SIMD[dtype, 2]:
-    """Columns (j, j + 8) of a word of 2-bit codes dequantized as `decode_pair` does, with the same bits, from
-    `code_pair`'s 2^7 + 4^p·c (p = j mod 3; shifts 0, 6, 12 shared by a word's 8 pairs, the mask LOP3's immediate):
-    (v − 2^7)·scale/4^p + shift; `scales` holds scale/4^p for p = 0, 1, 2 (exact: powers of two apart)."""
-    var v = code_pair[dtype, j](word, magic)
-    return (v - SIMD[dtype, 2](128.0)).fma(scales[j % 3], shift)
+    """Columns (j, j + 16/bits) of a word of codes dequantized as `decode_pair` does, with the same bits, but with the
+    exponent bits `magic` in a register (`magic_word`), so that the mask is LOP3's immediate: 2-bit codes as
+    `code_pair`'s 2^7 + 4^p·c (p = j mod 3; the shifts 0, 6, 12 shared by a word's 8 pairs), then
+    (v − 2^7)·scale/4^p + shift, where `scales` holds scale/4^p for p = 0, 1, 2 (exact: powers of two apart);
+    4-bit codes as 2^7 + c, then (v − 2^7)·scale + shift."""
+    comptime if bits == 2:
+        var v = code_pair[dtype, j](word, magic)
+        return (v - SIMD[dtype, 2](128.0)).fma(scales[j % 3], shift)
+    comptime mask = UInt32((1 << bits) - 1) * 0x10001
+    var v = half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)
+    return (v - SIMD[dtype, 2](128.0)).fma(scales[0], shift)
 
 
 @always_inline
@@ -300,7 +306,7 @@ def wg_multiply[
     """acc += the warpgroup's dequantized K step (`load_step`'s chunk of each lane, as mma.sync A fragments) times
     the staged B tile at `desc` (`WG_SLICE_BYTES` per k16 slice): 16 (2-bit) or 8 (4-bit) wgmmas m64n64k16 in 4
     commit groups, each group's A registers free again once the next is issued; returns with all of them done.
-    2-bit codes decode by `shifted_pair` (`magic`: `magic_word`), others by `a_operand`."""
+    The codes decode by `shifted_pair` (`magic`: `magic_word`)."""
     comptime mmas = chunk_cols[bits]() // 16
     var sa, sha, sb, shb = row_scales[bits, dtype](cur[2], cur[3])
     comptime quarter, sixteenth = SIMD[dtype, 2](0.25), SIMD[dtype, 2](0.0625)
@@ -308,18 +314,14 @@ def wg_multiply[
     comptime for blk in range(4):
         wgmma_fence_aligned()  # A fragments written by ordinary instructions
         comptime for h in range(mmas):
-            var a: SIMD[dtype, 8]
-            comptime if bits == 2:
-                var wa, wb = cur[0][blk], cur[1][blk]
-                var lo = shifted_pair[dtype, 2 * h](wa, magic, qa, sha).join(
-                    shifted_pair[dtype, 2 * h](wb, magic, qb, shb)
-                )
-                var hi = shifted_pair[dtype, 2 * h + 1](wa, magic, qa, sha).join(
-                    shifted_pair[dtype, 2 * h + 1](wb, magic, qb, shb)
-                )
-                a = lo.join(hi)
-            else:
-                a = a_operand[bits, dtype](cur[0], cur[1], blk, h, sa, sha, sb, shb)
+            var wa, wb = cur[0][blk], cur[1][blk]  # the fragment: [row g lo, row g+8 lo, row g hi, row g+8 hi]
+            var lo = shifted_pair[bits, dtype, 2 * h](wa, magic, qa, sha).join(
+                shifted_pair[bits, dtype, 2 * h](wb, magic, qb, shb)
+            )
+            var hi = shifted_pair[bits, dtype, 2 * h + 1](wa, magic, qa, sha).join(
+                shifted_pair[bits, dtype, 2 * h + 1](wb, magic, qb, shb)
+            )
+            var a = lo.join(hi)
             acc = wgmma_async[64, 8 * NT_WIDE, 16, a_type=dtype, b_type=dtype](
                 a, desc + (blk * mmas + h) * WG_SLICE_BYTES, acc
             )
