@@ -16,15 +16,16 @@ from max.gpu.compute.mma import (
     WGMMADescriptor,
 )
 
+from .gpu_codes import code_pair, magic_word
 from .gpu_tiles import (
     B_SHARED,
     NT_WIDE,
     THREADS,
     X_ROW,
     ZERO,
-    a_operand,
     b_words,
     chunk_cols,
+    half2,
     load_step,
     load_t8,
     load_x8,
@@ -265,6 +266,7 @@ def wg_part[
     var cur = load_step[bits, group](data, scales, ra, nrows, ncols, first * cols + q * chunk)
     # the descriptor's offsets in 16-byte units (MAX 26.7's `create` stores them as given): SBO 256 B, LBO 128 B
     var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
+    var magic = magic_word[dtype](s)
     for step in range(first, last):
         if copies:
             async_copy_wait_group(0)
@@ -279,8 +281,30 @@ def wg_part[
             if copies:
                 wg_issue_x[bits](x, s, ncols, tok0, step + 1, nat_tile)
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q * chunk)
-        wg_multiply[bits, nt=NT_WIDE](acc, cur, desc)
+        wg_multiply[bits, nt=NT_WIDE](acc, cur, desc, magic)
         cur = nxt
+
+
+@always_inline
+def shifted_pair[
+    bits: Int, dtype: DType, j: Int
+](
+    word: UInt32,
+    magic: UInt32,
+    scales: Tuple[SIMD[dtype, 2], SIMD[dtype, 2], SIMD[dtype, 2]],
+    shift: SIMD[dtype, 2],
+) -> SIMD[dtype, 2]:
+    """Columns (j, j + 16/bits) of a word of codes dequantized as `decode_pair` does, with the same bits, but with the
+    exponent bits `magic` in a register (`magic_word`), so that the mask is LOP3's immediate: 2-bit codes as
+    `code_pair`'s 2^7 + 4^p·c (p = j mod 3; the shifts 0, 6, 12 shared by a word's 8 pairs), then
+    (v − 2^7)·scale/4^p + shift, where `scales` holds scale/4^p for p = 0, 1, 2 (exact: powers of two apart);
+    4-bit codes as 2^7 + c, then (v − 2^7)·scale + shift."""
+    comptime if bits == 2:
+        var v = code_pair[dtype, j](word, magic)
+        return (v - SIMD[dtype, 2](128.0)).fma(scales[j % 3], shift)
+    comptime mask = UInt32((1 << bits) - 1) * 0x10001
+    var v = half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)
+    return (v - SIMD[dtype, 2](128.0)).fma(scales[0], shift)
 
 
 @always_inline
@@ -290,17 +314,27 @@ def wg_multiply[
     mut acc: SIMD[DType.float32, 4 * nt],
     cur: Tuple[SIMD[DType.uint32, 4], SIMD[DType.uint32, 4], Float16, Float16],
     desc: WGMMADescriptor[dtype],
+    magic: UInt32,
 ):
     """acc += the warpgroup's dequantized K step (`load_step`'s chunk of each lane, as mma.sync A fragments) times
     the staged B tile of 8·nt tokens at `desc` (`slice_bytes` per k16 slice): 16 (2-bit) or 8 (4-bit) wgmmas
     m64n(8·nt)k16 in 4 commit groups, each group's A registers free again once the next is issued; returns with all of
-    them done."""
+    them done. The codes decode by `shifted_pair` (`magic`: `magic_word`)."""
     comptime mmas = chunk_cols[bits]() // 16
     var sa, sha, sb, shb = row_scales[bits, dtype](cur[2], cur[3])
+    comptime quarter, sixteenth = SIMD[dtype, 2](0.25), SIMD[dtype, 2](0.0625)
+    var qa, qb = (sa, sa * quarter, sa * sixteenth), (sb, sb * quarter, sb * sixteenth)
     comptime for blk in range(4):
         wgmma_fence_aligned()  # A fragments written by ordinary instructions
         comptime for h in range(mmas):
-            var a = a_operand[bits, dtype](cur[0], cur[1], blk, h, sa, sha, sb, shb)
+            var wa, wb = cur[0][blk], cur[1][blk]  # the fragment: [row g lo, row g+8 lo, row g hi, row g+8 hi]
+            var lo = shifted_pair[bits, dtype, 2 * h](wa, magic, qa, sha).join(
+                shifted_pair[bits, dtype, 2 * h](wb, magic, qb, shb)
+            )
+            var hi = shifted_pair[bits, dtype, 2 * h + 1](wa, magic, qa, sha).join(
+                shifted_pair[bits, dtype, 2 * h + 1](wb, magic, qb, shb)
+            )
+            var a = lo.join(hi)
             acc = wgmma_async[64, 8 * nt, 16, a_type=dtype, b_type=dtype](
                 a, desc + (blk * mmas + h) * slice_bytes(nt), acc
             )
@@ -423,6 +457,7 @@ def wg_ring_part[
     var ra = row0 + lane // 4
     var q0 = (lane % 4) * chunk_cols[bits]()
     var cur = load_step[bits, group](data, scales, ra, nrows, ncols, first * cols + q0)
+    var magic = magic_word[dtype](s)
     wait_on_dependent_grids()  # xt is the previous launch's output
     var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
     comptime for ahead in range(RING_SLOTS - 1):
@@ -441,7 +476,7 @@ def wg_ring_part[
             wg_issue_tile[bits, nt=nt](xt, s, row, tok0, first + i + 2, slot)
         if i + 1 < last - first:
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (first + i + 1) * cols + q0)
-        wg_multiply[bits, nt=nt](acc, cur, desc + i % RING_SLOTS * (tile_words(nt) * 4))
+        wg_multiply[bits, nt=nt](acc, cur, desc + i % RING_SLOTS * (tile_words(nt) * 4), magic)
         cur = nxt
 
 
