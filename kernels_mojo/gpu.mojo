@@ -48,7 +48,17 @@ from max.gpu.host import DeviceContext, FuncAttribute
 from .gpu_tiles import B_T, B_X, NT_WIDE, P_SPLIT, SMALL_S, THREADS, WARPS, X_ROW, segment, step_cols, wide_coords
 from .gpu_ring import RING_X_TOKENS, ring_fits, ring_prefetch, ring_words, t_row
 from .gpu_decode import XP_PARTS, decode_warp, prepare_x, reduce_warps, sum_t
-from .gpu_wide import RING_SLOTS, X_WORDS, permute_x, tile_row_cols, tiles_values, uses_wgmma, wg_ring_part, wide_part
+from .gpu_wide import (
+    RING_SLOTS,
+    X_WORDS,
+    permute_x,
+    tile_row_cols,
+    tile_words,
+    tiles_values,
+    uses_wgmma,
+    wg_ring_part,
+    wide_part,
+)
 
 comptime SMS = 132
 """Streaming multiprocessors of the H100 SXM the tile rules were measured on (`decode_tiles`, `k_splits`)."""
@@ -57,11 +67,11 @@ comptime MAX_SPLITS = 8
 
 
 @always_inline
-def shared_bytes(s: Int, k: Int) -> Int:
-    """Dynamic shared memory of a launch: the wide tile and its natural copy, or the ring of tiles
+def shared_bytes(s: Int, k: Int, nt: Int = NT_WIDE) -> Int:
+    """Dynamic shared memory of a launch: the wide tile and its natural copy, or the ring of tiles of 8·nt tokens
     (`wg_ring_part`), or at decode the cross-warp sums, each warp's ring and t."""
     if s > SMALL_S:
-        return max(X_WORDS + 64 * X_ROW, RING_SLOTS * X_WORDS) * 4
+        return max(X_WORDS + 64 * X_ROW, RING_SLOTS * tile_words(nt)) * 4
     return (WARPS * 128 + WARPS * ring_words(s) + s * t_row(k)) * 4
 
 
@@ -211,6 +221,18 @@ def k_splits[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, m: Int, roo
 
 
 @always_inline
+def tile_nt[bq: Int, bl: Int, dtype: DType](s: Int, m: Int, n: Int, k: Int, room: Bool) -> Int:
+    """Token groups of 8 in a tile of the one-launch op: 2·NT_WIDE (128 tokens, wgmma m64n128k16: each dequantized
+    K step serves twice the tokens) where Q's and L's K loops both take the staged-tile ring (`tiles_x`, t from xp)
+    and such tiles are at least as many as the SMs (so no K split is missed), else NT_WIDE."""
+    comptime wide = 2 * NT_WIDE
+    var tiles = ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * wide)
+    if tiles_x[bq, bl, dtype](s, n, k, room) and uses_wgmma[bl, dtype]() and tiles >= SMS:
+        return wide
+    return NT_WIDE
+
+
+@always_inline
 def reduce_t[
     bl: Int, dtype: DType
 ](
@@ -351,7 +373,7 @@ def apply_block[
             var b = bias[unsafe_offset=row] if has_bias else Float32(0)
             y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
     else:
-        wide_block[bq, gq, bl, gl, False, False, False](
+        wide_block[bq, gq, bl, gl, False, False, False, NT_WIDE](
             bid, 0, 1, red, xs, y, x, stack_allocation[1, Scalar[dtype]](), t_parts, q_codes, q_scales, l_data,
             l_scales, bias, s, m, n, k, has_bias, sync, 0,
         )
@@ -359,7 +381,7 @@ def apply_block[
 
 @always_inline
 def wide_block[
-    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, fused: Bool, use_xp: Bool, split: Bool
+    dtype: DType, //, bq: Int, gq: Int, bl: Int, gl: Int, fused: Bool, use_xp: Bool, split: Bool, nt: Int
 ](
     tile: Int,
     sp: Int,
@@ -383,36 +405,49 @@ def wide_block[
     sync: Pointer[Int64, _],
     wait_count: Int,
 ):
-    """Wide launch: tile `tile` (128 rows × 64 tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
+    """Wide launch: tile `tile` (128 rows × 8·nt tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
     steps cut into `splits` ranges, L's loop in the last one. With `use_xp` (`tiles_x`) Q's activations, and t where
     L takes wgmma, come in staged-tile order from xp; with splits > 1 (`k_splits`, one launch only) each split leaves
     its float32 partial sums in xp (`partials_at`) and the last of the tile's splits to finish adds them up in split
     order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the tile's pass
     counter (where L takes wgmma: `launch_fused`), else sync[0], reaches wait_count."""
+    comptime assert nt == NT_WIDE or (use_xp and fused and not split), "wider tiles only in the ring (`tile_nt`)"
     var w, lane = Int(warp_id()), Int(lane_id())
-    var rt, tok0 = (tile // passes(s)) * WARPS + w, (tile % passes(s)) * 8 * NT_WIDE
+    var tile_passes = ceildiv(s, 8 * nt)
+    var rt, tok0 = (tile // tile_passes) * WARPS + w, (tile % tile_passes) * 8 * nt
     var q_steps, l_steps = ceildiv(n, step_cols[bq]()), ceildiv(k, step_cols[bl]())
     var seg = segment(q_steps, splits, sp)
-    var acc = SIMD[DType.float32, 4 * NT_WIDE](0)
+    var acc = SIMD[DType.float32, 4 * nt](0)
     comptime if use_xp and uses_wgmma[bq, dtype]():
-        wg_ring_part[bq, gq](acc, q_codes, q_scales, m, 16 * rt, n, seg[0], seg[1], xp, s, tok0, xs)
+        wg_ring_part[bq, gq, nt=nt](acc, q_codes, q_scales, m, 16 * rt, n, seg[0], seg[1], xp, s, tok0, xs)
     else:
-        wide_part[bq, gq, dtype, False](acc, q_codes, q_scales, m, 16 * rt, n, seg[0], seg[1], x, t_parts, s, tok0, xs)
+        comptime assert nt == NT_WIDE
+        var narrow = rebind[SIMD[DType.float32, 4 * NT_WIDE]](acc)
+        wide_part[bq, gq, dtype, False](
+            narrow, q_codes, q_scales, m, 16 * rt, n, seg[0], seg[1], x, t_parts, s, tok0, xs
+        )
+        acc = rebind[SIMD[DType.float32, 4 * nt]](narrow)
     if k > 0 and sp == splits - 1:
         comptime if fused and use_xp and uses_wgmma[bl, dtype]():  # t in staged-tile order after Q's (`reduce_t`)
             var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
-            wait_for(counters.unsafe_offset(tile % passes(s)), wait_count)  # the tile's token pass
+            comptime for u in range(nt // NT_WIDE):  # the tile's token passes of stage 1
+                var p = tok0 // (8 * NT_WIDE) + u
+                if p < passes(s):
+                    wait_for(counters.unsafe_offset(p), wait_count)
             var xt = xp.unsafe_offset(tiles_values[bq](s, n))
-            wg_ring_part[bl, gl](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, xt, s, tok0, xs)
+            wg_ring_part[bl, gl, nt=nt](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, xt, s, tok0, xs)
         else:
             comptime if fused:
                 wait_for(sync, wait_count)
-            wide_part[bl, gl, dtype, True](acc, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
+            comptime assert nt == NT_WIDE
+            var narrow = rebind[SIMD[DType.float32, 4 * NT_WIDE]](acc)
+            wide_part[bl, gl, dtype, True](narrow, l_data, l_scales, m, 16 * rt, k, 0, l_steps, x, t_parts, s, tok0, xs)
+            acc = rebind[SIMD[DType.float32, 4 * nt]](narrow)
     comptime if split:  # (only with tiles: `k_splits`)
         if splits > 1:
             wait_on_dependent_grids()  # the counters are zeroed by the permute launch (an empty range never waited)
             var partials = xp.unsafe_offset(partials_at[bq, bl](s, n, k, m)).unsafe_bitcast[Float32]()
-            comptime for e in range(4 * NT_WIDE):
+            comptime for e in range(4 * nt):
                 var row, token = wide_coords(lane, e, 16 * rt, tok0)
                 if row < m and token < s:
                     partials[unsafe_offset=(sp * s + token) * m + row] = acc[e]
@@ -422,11 +457,11 @@ def wide_block[
                 return
             acc = 0
             for p in range(splits):
-                comptime for e in range(4 * NT_WIDE):
+                comptime for e in range(4 * nt):
                     var row, token = wide_coords(lane, e, 16 * rt, tok0)
                     if row < m and token < s:
                         acc[e] += partials[unsafe_offset=(p * s + token) * m + row]
-    comptime for e in range(4 * NT_WIDE):
+    comptime for e in range(4 * nt):
         var row, token = wide_coords(lane, e, 16 * rt, tok0)
         if row < m and token < s:
             var b = bias[unsafe_offset=row] if has_bias else Float32(0)
@@ -623,12 +658,13 @@ def launch_fused[
         )
         return
     var n_project = project_blocks(s, k) if k > 0 else 0
-    var splits = k_splits[bq, bl, dtype](s, n, k, m, xp_room)
-    var total = n_project + apply_blocks(s, m) * splits
+    var nt = tile_nt[bq, bl, dtype](s, m, n, k, xp_room)
+    var splits = k_splits[bq, bl, dtype](s, n, k, m, xp_room) if nt == NT_WIDE else 1
+    var total = n_project + ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt) * splits
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter
-    def kernel[use_xp: Bool, split: Bool](
+    def kernel[use_xp: Bool, split: Bool, nt: Int](
         s_: Int64, m_: Int64, n_: Int64, k_: Int64, has_bias_: Int64, n_project_: Int64, splits_: Int64
     ):
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
@@ -655,7 +691,7 @@ def launch_fused[
         else:  # a tile's splits side by side; with t_tiles, t of the tile's token pass is ready once its stage-1
             # blocks arrived twice
             var a = bid - np
-            wide_block[bq, gq, bl, gl, True, use_xp, split](
+            wide_block[bq, gq, bl, gl, True, use_xp, split, nt](
                 a // splits, a % splits, splits, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales,
                 bias, s, m, n, k, has_bias_ != 0, sync, 2 * group if t_tiles else np,
             )
@@ -666,25 +702,33 @@ def launch_fused[
                 Atomic[Int64, scope="device"].store(sync, 0)
                 Atomic[Int64, scope="device"].store(done, 0)
 
-    var smem = shared_bytes(s, k)
+    var smem = shared_bytes(s, k, nt)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
     if tiles_x[bq, bl, dtype](s, n, k, xp_room):
         var zeros = passes(s) + (apply_blocks(s, m) if splits > 1 else 0)  # pass counters, tile counters
         launch_permute[bq](xp, x, s, n, counters_at[bq, bl](s, n, k), zeros, ctx)
+        comptime if uses_wgmma[bq, dtype]() and uses_wgmma[bl, dtype]():  # (else nt is NT_WIDE: `tile_nt`)
+            if nt != NT_WIDE:
+                ctx.enqueue_function[kernel[True, False, 2 * NT_WIDE]](
+                    Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
+                    grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+                    attributes=pdl_launch_attributes(PDLLevel(1)),
+                )
+                return
         if splits > 1:
-            ctx.enqueue_function[kernel[True, True]](
+            ctx.enqueue_function[kernel[True, True, NT_WIDE]](
                 Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits),
                 grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
                 attributes=pdl_launch_attributes(PDLLevel(1)),
             )
         else:
-            ctx.enqueue_function[kernel[True, False]](
+            ctx.enqueue_function[kernel[True, False, NT_WIDE]](
                 Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
                 grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
                 attributes=pdl_launch_attributes(PDLLevel(1)),
             )
         return
-    ctx.enqueue_function[kernel[False, False]](
+    ctx.enqueue_function[kernel[False, False, NT_WIDE]](
         Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1), grid_dim=total,
         block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
     )

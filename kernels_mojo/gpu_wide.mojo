@@ -16,15 +16,16 @@ from max.gpu.compute.mma import (
     WGMMADescriptor,
 )
 
+from .gpu_codes import code_pair, magic_word
 from .gpu_tiles import (
     B_SHARED,
     NT_WIDE,
     THREADS,
     X_ROW,
     ZERO,
-    a_operand,
     b_words,
     chunk_cols,
+    half2,
     load_step,
     load_t8,
     load_x8,
@@ -41,8 +42,21 @@ comptime WG_SLICE_BYTES = 2048
 without swizzle: core matrices of 8 tokens × 8 k (16 bytes a token), the two along k 128 bytes apart (the
 descriptor's leading byte offset), token groups 256 bytes apart (its stride byte offset)."""
 comptime RING_SLOTS = 3
-"""Wide launch reading x in B-tile order (`wg_ring_part`): staged steps in shared memory, X_WORDS words each; the
+"""Wide launch reading x in B-tile order (`wg_ring_part`): staged steps in shared memory, `tile_words` each; the
 copies of a step are issued two steps ahead."""
+
+
+@always_inline
+def slice_bytes(nt: Int) -> Int:
+    """Bytes of one k16 slice of a staged step of 8·nt tokens (WG_SLICE_BYTES at NT_WIDE): token groups 256 bytes
+    apart."""
+    return 256 * nt
+
+
+@always_inline
+def tile_words(nt: Int) -> Int:
+    """32-bit words of one staged step of 8·nt tokens × 256 columns of 16-bit values (X_WORDS at NT_WIDE)."""
+    return 1024 * nt
 
 
 @always_inline
@@ -252,6 +266,7 @@ def wg_part[
     var cur = load_step[bits, group](data, scales, ra, nrows, ncols, first * cols + q * chunk)
     # the descriptor's offsets in 16-byte units (MAX 26.7's `create` stores them as given): SBO 256 B, LBO 128 B
     var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
+    var magic = magic_word[dtype](s)
     for step in range(first, last):
         if copies:
             async_copy_wait_group(0)
@@ -266,29 +281,62 @@ def wg_part[
             if copies:
                 wg_issue_x[bits](x, s, ncols, tok0, step + 1, nat_tile)
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (step + 1) * cols + q * chunk)
-        wg_multiply[bits](acc, cur, desc)
+        wg_multiply[bits, nt=NT_WIDE](acc, cur, desc, magic)
         cur = nxt
 
 
 @always_inline
-def wg_multiply[
-    bits: Int, dtype: DType
+def shifted_pair[
+    bits: Int, dtype: DType, j: Int
 ](
-    mut acc: SIMD[DType.float32, 4 * NT_WIDE],
+    word: UInt32,
+    magic: UInt32,
+    scales: Tuple[SIMD[dtype, 2], SIMD[dtype, 2], SIMD[dtype, 2]],
+    shift: SIMD[dtype, 2],
+) -> SIMD[dtype, 2]:
+    """Columns (j, j + 16/bits) of a word of codes dequantized as `decode_pair` does, with the same bits, but with the
+    exponent bits `magic` in a register (`magic_word`), so that the mask is LOP3's immediate: 2-bit codes as
+    `code_pair`'s 2^7 + 4^p·c (p = j mod 3; the shifts 0, 6, 12 shared by a word's 8 pairs), then
+    (v − 2^7)·scale/4^p + shift, where `scales` holds scale/4^p for p = 0, 1, 2 (exact: powers of two apart);
+    4-bit codes as 2^7 + c, then (v − 2^7)·scale + shift."""
+    comptime if bits == 2:
+        var v = code_pair[dtype, j](word, magic)
+        return (v - SIMD[dtype, 2](128.0)).fma(scales[j % 3], shift)
+    comptime mask = UInt32((1 << bits) - 1) * 0x10001
+    var v = half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)
+    return (v - SIMD[dtype, 2](128.0)).fma(scales[0], shift)
+
+
+@always_inline
+def wg_multiply[
+    bits: Int, dtype: DType, nt: Int
+](
+    mut acc: SIMD[DType.float32, 4 * nt],
     cur: Tuple[SIMD[DType.uint32, 4], SIMD[DType.uint32, 4], Float16, Float16],
     desc: WGMMADescriptor[dtype],
+    magic: UInt32,
 ):
     """acc += the warpgroup's dequantized K step (`load_step`'s chunk of each lane, as mma.sync A fragments) times
-    the staged B tile at `desc` (`WG_SLICE_BYTES` per k16 slice): 16 (2-bit) or 8 (4-bit) wgmmas m64n64k16 in 4
-    commit groups, each group's A registers free again once the next is issued; returns with all of them done."""
+    the staged B tile of 8·nt tokens at `desc` (`slice_bytes` per k16 slice): 16 (2-bit) or 8 (4-bit) wgmmas
+    m64n(8·nt)k16 in 4 commit groups, each group's A registers free again once the next is issued; returns with all of
+    them done. The codes decode by `shifted_pair` (`magic`: `magic_word`)."""
     comptime mmas = chunk_cols[bits]() // 16
     var sa, sha, sb, shb = row_scales[bits, dtype](cur[2], cur[3])
+    comptime quarter, sixteenth = SIMD[dtype, 2](0.25), SIMD[dtype, 2](0.0625)
+    var qa, qb = (sa, sa * quarter, sa * sixteenth), (sb, sb * quarter, sb * sixteenth)
     comptime for blk in range(4):
         wgmma_fence_aligned()  # A fragments written by ordinary instructions
         comptime for h in range(mmas):
-            var a = a_operand[bits, dtype](cur[0], cur[1], blk, h, sa, sha, sb, shb)
-            acc = wgmma_async[64, 8 * NT_WIDE, 16, a_type=dtype, b_type=dtype](
-                a, desc + (blk * mmas + h) * WG_SLICE_BYTES, acc
+            var wa, wb = cur[0][blk], cur[1][blk]  # the fragment: [row g lo, row g+8 lo, row g hi, row g+8 hi]
+            var lo = shifted_pair[bits, dtype, 2 * h](wa, magic, qa, sha).join(
+                shifted_pair[bits, dtype, 2 * h](wb, magic, qb, shb)
+            )
+            var hi = shifted_pair[bits, dtype, 2 * h + 1](wa, magic, qa, sha).join(
+                shifted_pair[bits, dtype, 2 * h + 1](wb, magic, qb, shb)
+            )
+            var a = lo.join(hi)
+            acc = wgmma_async[64, 8 * nt, 16, a_type=dtype, b_type=dtype](
+                a, desc + (blk * mmas + h) * slice_bytes(nt), acc
             )
         wgmma_commit_group_sync()
         wgmma_wait_group_sync[1]()  # the previous block's A fragments are free again
@@ -345,7 +393,7 @@ def permute_x[
 
 @always_inline
 def wg_issue_tile[
-    bits: Int, dtype: DType
+    bits: Int, dtype: DType, nt: Int
 ](
     xt: Pointer[Scalar[dtype], _],
     s: Int,
@@ -354,33 +402,37 @@ def wg_issue_tile[
     step: Int,
     tile: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
-    """Block-wide: start copying K step `step` of tokens tok0 … tok0 + 63 from xt (`permute_x`, groups of `row`
-    pieces) into the staged tile `tile` (`wg_stage_store`'s layout; groups past s as zeros), then commit. Warp w
-    copies token group w, 512 contiguous bytes a copy instruction; 8 lanes fill 128 contiguous bytes of a slice."""
+    """Block-wide: start copying K step `step` of tokens tok0 … tok0 + 8·nt - 1 from xt (`permute_x`, groups of `row`
+    pieces) into the staged tile `tile` (`wg_stage_store`'s layout, `slice_bytes` a slice; groups past s as
+    zeros), then commit. Warp w copies token groups w, w + 8, …, 512 contiguous bytes a copy instruction; 8 lanes
+    fill 128 contiguous bytes of a slice."""
     comptime cols = step_cols[bits]()
-    comptime copies = cols * 8 * 2 // 16 // 32  # 16-byte pieces a lane: 8 (2-bit) or 4 (4-bit)
+    comptime copies = cols * 8 * 2 // 16 // 32  # 16-byte pieces a lane and group: 8 (2-bit) or 4 (4-bit)
     var lane, w = Int(lane_id()), Int(thread_idx.x) // 32
-    var tg = tok0 // 8 + w
-    var inside = 8 * tg < s
-    var src = xt.unsafe_offset((tg * row + step * cols) * 8).unsafe_bitcast[UInt8]()
-    var dst = tile.unsafe_bitcast[UInt8]().unsafe_offset(w * 256 + (lane // 8) % 2 * 128 + (lane % 8) * 16)
-    comptime for it in range(copies):
-        var j = lane + 32 * it
-        async_copy[16, fill=ZERO](
-            (src.unsafe_offset(16 * j) if inside else xt.unsafe_bitcast[UInt8]()).address_space_cast[
-                AddressSpace.GLOBAL
-            ](),
-            dst.unsafe_offset((j // 16) * WG_SLICE_BYTES),
-            src_size=Int32(16 if inside else 0),
+    comptime for u in range(nt // 8):
+        var tg = tok0 // 8 + w + 8 * u
+        var inside = 8 * tg < s
+        var src = xt.unsafe_offset((tg * row + step * cols) * 8).unsafe_bitcast[UInt8]()
+        var dst = tile.unsafe_bitcast[UInt8]().unsafe_offset(
+            (w + 8 * u) * 256 + (lane // 8) % 2 * 128 + (lane % 8) * 16
         )
+        comptime for it in range(copies):
+            var j = lane + 32 * it
+            async_copy[16, fill=ZERO](
+                (src.unsafe_offset(16 * j) if inside else xt.unsafe_bitcast[UInt8]()).address_space_cast[
+                    AddressSpace.GLOBAL
+                ](),
+                dst.unsafe_offset((j // 16) * slice_bytes(nt)),
+                src_size=Int32(16 if inside else 0),
+            )
     async_copy_commit_group()
 
 
 @always_inline
 def wg_ring_part[
-    bits: Int, group: Int, dtype: DType
+    bits: Int, group: Int, dtype: DType, nt: Int
 ](
-    mut acc: SIMD[DType.float32, 4 * NT_WIDE],
+    mut acc: SIMD[DType.float32, 4 * nt],
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
     nrows: Int,
@@ -394,8 +446,9 @@ def wg_ring_part[
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
     """`wg_part` over K steps first … last - 1 with x already in B-tile order in xt (`permute_x`, written by the
-    previous launch: waited for here, after the first codes are requested): the steps' tiles go by cp.async straight
-    into a ring of RING_SLOTS staged tiles, two steps ahead, so a step needs one barrier and no permute."""
+    previous launch: waited for here, after the first codes are requested): the steps' tiles of 8·nt tokens go by
+    cp.async straight into a ring of RING_SLOTS staged tiles, two steps ahead, so a step needs one barrier and no
+    permute."""
     comptime cols = step_cols[bits]()
     if first >= last:
         return
@@ -404,11 +457,12 @@ def wg_ring_part[
     var ra = row0 + lane // 4
     var q0 = (lane % 4) * chunk_cols[bits]()
     var cur = load_step[bits, group](data, scales, ra, nrows, ncols, first * cols + q0)
+    var magic = magic_word[dtype](s)
     wait_on_dependent_grids()  # xt is the previous launch's output
     var desc = WGMMADescriptor.create[256 // 16, 128 // 16](xs.unsafe_bitcast[Scalar[dtype]]())
     comptime for ahead in range(RING_SLOTS - 1):
         if first + ahead < last:
-            wg_issue_tile[bits](xt, s, row, tok0, first + ahead, xs.unsafe_offset(ahead * X_WORDS))
+            wg_issue_tile[bits, nt=nt](xt, s, row, tok0, first + ahead, xs.unsafe_offset(ahead * tile_words(nt)))
     for i in range(last - first):
         if i + 1 < last - first:  # this thread's copies of step i have landed (the wait takes an immediate)
             async_copy_wait_group(1)
@@ -418,10 +472,11 @@ def wg_ring_part[
         barrier()  # every thread's copies of step i have landed; every wgmma of step i - 1 is done
         var nxt = cur
         if i + 2 < last - first:
-            wg_issue_tile[bits](xt, s, row, tok0, first + i + 2, xs.unsafe_offset((i + 2) % RING_SLOTS * X_WORDS))
+            var slot = xs.unsafe_offset((i + 2) % RING_SLOTS * tile_words(nt))
+            wg_issue_tile[bits, nt=nt](xt, s, row, tok0, first + i + 2, slot)
         if i + 1 < last - first:
             nxt = load_step[bits, group](data, scales, ra, nrows, ncols, (first + i + 1) * cols + q0)
-        wg_multiply[bits](acc, cur, desc + i % RING_SLOTS * (X_WORDS * 4))
+        wg_multiply[bits, nt=nt](acc, cur, desc + i % RING_SLOTS * (tile_words(nt) * 4), magic)
         cur = nxt
 
 

@@ -40,6 +40,9 @@ CASES = {
     "q2-tiles-rank0-bf16": (136, 420, {"rank": 0, "bias": True, "incoherence": False}, torch.bfloat16),
     # the same with fp16 factors: Q's loop from the staged tiles, L's and R's by mma.sync (no t tiles)
     "q2-tiles-fp16-factors-bf16": (136, 512, {"rank": 12, "bl": 16, "br": 16, "incoherence": False}, torch.bfloat16),
+    # at 130 tokens 66 row blocks × 2 passes of 128 tokens are 132 tiles, as many as the SMs: 128-token tiles
+    # (`tile_nt`, wgmma m64n128k16), the second pass with 2 tokens, the last row block with 80 rows
+    "q2-tiles128-bf16": (8400, 512, {"rank": 32}, torch.bfloat16),
 }
 ROWS = (1, 2, 5, 9, 130)  # decode (activations in the ring up to 2 tokens), wide launch with one and three token passes
 
