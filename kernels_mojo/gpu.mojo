@@ -707,26 +707,23 @@ def launch_fused[
     if tiles_x[bq, bl, dtype](s, n, k, xp_room):
         var zeros = passes(s) + (apply_blocks(s, m) if splits > 1 else 0)  # pass counters, tile counters
         launch_permute[bq](xp, x, s, n, counters_at[bq, bl](s, n, k), zeros, ctx)
-        comptime if uses_wgmma[bq, dtype]() and uses_wgmma[bl, dtype]():  # (else nt is NT_WIDE: `tile_nt`)
-            if nt != NT_WIDE:
-                ctx.enqueue_function[kernel[True, False, 2 * NT_WIDE]](
-                    Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
-                    grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
-                    attributes=pdl_launch_attributes(PDLLevel(1)),
-                )
-                return
-        if splits > 1:
-            ctx.enqueue_function[kernel[True, True, NT_WIDE]](
+
+        @__parameter
+        def launch_tiles[nt: Int, split: Bool]() raises:
+            ctx.enqueue_function[kernel[True, split, nt]](
                 Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits),
                 grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
                 attributes=pdl_launch_attributes(PDLLevel(1)),
             )
+
+        comptime if uses_wgmma[bq, dtype]() and uses_wgmma[bl, dtype]():  # (else nt is NT_WIDE: `tile_nt`)
+            if nt != NT_WIDE:  # (no splits: `k_splits`)
+                launch_tiles[2 * NT_WIDE, False]()
+                return
+        if splits > 1:
+            launch_tiles[NT_WIDE, True]()
         else:
-            ctx.enqueue_function[kernel[True, False, NT_WIDE]](
-                Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
-                grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
-                attributes=pdl_launch_attributes(PDLLevel(1)),
-            )
+            launch_tiles[NT_WIDE, False]()
         return
     ctx.enqueue_function[kernel[False, False, NT_WIDE]](
         Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1), grid_dim=total,

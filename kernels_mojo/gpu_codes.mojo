@@ -7,7 +7,7 @@ from std.memory import AddressSpace, bitcast
 from max.gpu import lane_id
 from max.gpu.compute.mma import mma
 
-from .gpu_tiles import b_words, chunk_cols, chunks_per_group, half2, load_x8, step_group
+from .gpu_tiles import b_words, chunk_cols, chunks_per_group, half2, load_x8, masked_pair, step_group
 
 comptime SX_WORDS = 16
 """Words of a ring slot's sx (with `xp`, after the tokens' rows): per chunk of the step, the mma C fragment that
@@ -37,9 +37,8 @@ def load_word_edge(row: Pointer[UInt8, _], byte0: Int, row_bytes: Int) -> UInt32
 @always_inline
 def raw_pair[bits: Int, dtype: DType](word: UInt32, j: Int) -> SIMD[dtype, 2]:
     """Columns (j, j + 16/bits) of a word of codes as 2^e + code (exact): 128 + c (bf16) or 1024 + c (fp16)."""
-    comptime mask = UInt32((1 << bits) - 1) * 0x10001
     comptime magic = UInt32(0x43004300) if dtype == DType.bfloat16 else UInt32(0x64006400)
-    return half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)
+    return masked_pair[bits, dtype](word, j, magic)
 
 
 @always_inline

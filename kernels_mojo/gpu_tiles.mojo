@@ -156,14 +156,21 @@ def half2[dtype: DType](word: UInt32) -> SIMD[dtype, 2]:
 
 
 @always_inline
+def masked_pair[bits: Int, dtype: DType](word: UInt32, j: Int, magic: UInt32) -> SIMD[dtype, 2]:
+    """Columns (j, j + 16/bits) of a word of codes as 2^e + code (exact), the exponent bits `magic` OR'd in (a
+    constant, or a register from `magic_word` so that the mask is LOP3's immediate)."""
+    comptime mask = UInt32((1 << bits) - 1) * 0x10001
+    return half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)
+
+
+@always_inline
 def decode_pair[
     bits: Int, dtype: DType
 ](word: UInt32, j: Int, scale: SIMD[dtype, 2], shift: SIMD[dtype, 2]) -> SIMD[dtype, 2]:
     """Columns (j, j + 16/bits) of a word of codes, dequantized: (code - offset)·scale = code·scale + shift."""
-    comptime mask = UInt32((1 << bits) - 1) * 0x10001
     comptime magic = UInt32(0x43004300) if dtype == DType.bfloat16 else UInt32(0x64006400)
     comptime base = 128.0 if dtype == DType.bfloat16 else 1024.0
-    var v = half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)  # 2^e + code, exact
+    var v = masked_pair[bits, dtype](word, j, magic)
     return (v - SIMD[dtype, 2](base)).fma(scale, shift)
 
 

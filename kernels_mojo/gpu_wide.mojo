@@ -25,10 +25,10 @@ from .gpu_tiles import (
     ZERO,
     b_words,
     chunk_cols,
-    half2,
     load_step,
     load_t8,
     load_x8,
+    masked_pair,
     mma_step,
     row_scales,
     step_cols,
@@ -302,8 +302,7 @@ def shifted_pair[
     comptime if bits == 2:
         var v = code_pair[dtype, j](word, magic)
         return (v - SIMD[dtype, 2](128.0)).fma(scales[j % 3], shift)
-    comptime mask = UInt32((1 << bits) - 1) * 0x10001
-    var v = half2[dtype](((word >> UInt32(bits * j)) & mask) | magic)
+    var v = masked_pair[bits, dtype](word, j, magic)
     return (v - SIMD[dtype, 2](128.0)).fma(scales[0], shift)
 
 
