@@ -35,3 +35,11 @@ def test_pack_then_parity_trees(tmp_path):
     assert all("skipped" in line and "warm rc 2" in line for line in lines), result.stdout
     assert (clone / ".gpu" / "one" / "kernels_mojo").is_dir()
     assert "no CUDA device" in (out / "warm-one.err").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, ab_trees.sh times the real benches")
+def test_ab_trees_copies_each_trees_rows_to_out(tmp_path):
+    # without a GPU the bench refuses; the summary says so and the (empty) rows still come back under $OUT
+    result = run(["bash", "benchmarks/ab_trees.sh", "here-1"], ROOT, OUT=str(tmp_path), SEQ="128")
+    assert "bench here-1 failed" in result.stdout and result.stdout.splitlines()[-1].strip() == "here-1"
+    assert (tmp_path / "ab-seq128-here-1.jsonl").is_file()
