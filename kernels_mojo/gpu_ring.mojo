@@ -197,7 +197,7 @@ def ring_prefetch[
 
 @always_inline
 def ring_warp[
-    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool, xp: Bool
+    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool, xp: Bool, local_x: Bool = False
 ](
     mut acc: SIMD[DType.float32, 4],
     data: Pointer[UInt8, _],
@@ -210,11 +210,13 @@ def ring_warp[
     s: Int,
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
     ahead: Bool,
+    local_at: Int = 0,
 ):
     """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales (and with `x_ring` its activations)
     reach shared memory by cp.async RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in
-    flight without holding registers. With `xp`, x is xp (`prepare_x`). With `ahead`, the first steps' codes are
-    already on their way (`ring_prefetch`)."""
+    flight without holding registers. With `xp`, x is xp (`prepare_x`), or with `local_x` (and no `x_ring`) the
+    block's own prepared slots from word local_at of xs on (`prepare_x_local`). With `ahead`, the first steps' codes
+    are already on their way (`ring_prefetch`)."""
     var ring = warp_ring(xs, s)
     var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))  # t, for B_T (`sum_t`)
     comptime cpg = chunks_per_group[bits, group]()
@@ -253,6 +255,9 @@ def ring_warp[
         comptime if b_src == B_T:
             var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
             decode_step[bits, dtype, True](acc, words, sc, ncols, step, x, s, tw, t_row(ncols))
+        elif local_x:
+            var xw = xs.unsafe_offset(local_at + step * x_slot_words(s))
+            decode_step[bits, dtype, True, True](acc, words, sc, ncols, step, x, s, xw, X_ROW)
         else:
             var xw = ring.unsafe_offset(RING_WORDS + slot * x_slot_words(s))
             decode_step[bits, dtype, x_ring, xp](acc, words, sc, ncols, step, x, s, xw, X_ROW)
