@@ -109,7 +109,7 @@ def apply_blocks(s: Int, m: Int) -> Int:
 
 @always_inline
 def project_block[
-    dtype: DType, //, br: Int, gr: Int, wide: Bool
+    dtype: DType, //, br: Int, gr: Int, wide: Bool, rings: Bool = False
 ](
     bid: Int,
     red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
@@ -125,7 +125,7 @@ def project_block[
     k: Int,
 ):
     """Block `bid` of stage 1: its rows of t_parts[p], the partial sum over K segment p; with `prep`, its share of
-    xp (`prepare_x`)."""
+    xp (`prepare_x`); `rings`: every tile of R takes the ring at decode (`decode_warp`'s all_ring)."""
     var w, lane = Int(warp_id()), Int(lane_id())
     var p = bid % P_SPLIT
     comptime if not wide:  # one 16-row tile per block, its warps taking every (P_SPLIT·WARPS)-th K step
@@ -138,7 +138,7 @@ def project_block[
         if prep:
             prepare_x(x, xp, s, n, bid, project_blocks(s, k))
         var acc = SIMD[DType.float32, 4](0)
-        decode_warp[br, gr, dtype, B_X, False](
+        decode_warp[br, gr, dtype, B_X, rings](
             acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, xs, ahead
         )
         var r = reduce_warps(acc, red)
@@ -518,24 +518,31 @@ def launch_project[
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
-    def kernel[wide: Bool]():  # (captures arguments only: a captured local `var` is read through a host address)
+    def kernel[wide: Bool, rings: Bool]():  # (captures arguments only: a captured local `var` is read through a
+        # host address)
         comptime if not wide:
             launch_dependent_grids()
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         var prep = prepares_x(s, n, k, xp_room)
-        project_block[br, gr, wide](
+        project_block[br, gr, wide, rings](
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, xp, prep, s, n,
             k,
         )
 
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
+    comptime if br < 16:  # every tile of R in the ring: the kernel holds no register path (fewer registers)
+        if s <= SMALL_S and k % 16 == 0 and ring_fits[br, gr](k, 0, n):
+            ctx.enqueue_function[kernel[False, True]](
+                grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+            )
+            return
     if s <= SMALL_S:
-        ctx.enqueue_function[kernel[False]](
+        ctx.enqueue_function[kernel[False, False]](
             grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
         )
     else:
-        ctx.enqueue_function[kernel[True]](
+        ctx.enqueue_function[kernel[True, False]](
             grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
         )
 
