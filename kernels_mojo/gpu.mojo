@@ -70,12 +70,13 @@ comptime MAX_SPLITS = 8
 
 
 @always_inline
-def shared_bytes(s: Int, k: Int, nt: Int = NT_WIDE) -> Int:
+def shared_bytes(s: Int, k: Int, nt: Int = NT_WIDE, x_slots: Bool = True) -> Int:
     """Dynamic shared memory of a launch: the wide tile and its natural copy, or the ring of tiles of 8·nt tokens
-    (`wg_ring_part`), or at decode the cross-warp sums, each warp's ring and t."""
+    (`wg_ring_part`), or at decode the cross-warp sums, each warp's ring (with activation slots: `x_slots`) and t."""
     if s > SMALL_S:
         return max(X_WORDS + 64 * X_ROW, RING_SLOTS * tile_words(nt)) * 4
-    return (WARPS * 128 + WARPS * ring_words(s) + s * t_row(k)) * 4
+    var ring = ring_words[True](s) if x_slots else ring_words[False](s)
+    return (WARPS * 128 + WARPS * ring + s * t_row(k)) * 4
 
 
 @always_inline
@@ -198,7 +199,7 @@ def local_x_fits(s: Int, n: Int, k: Int) -> Bool:
     """Whether each stage-2 block prepares its own activations in shared memory (`prepare_x_local`) where the
     prepared ones are read, instead of waiting for stage 1's xp: with them a block stays within LOCAL_X_BYTES. Q's
     loop then runs while stage 1 does."""
-    return shared_bytes(s, k) + 4 * local_x_words(s, n) <= LOCAL_X_BYTES
+    return shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n) <= LOCAL_X_BYTES
 
 
 @always_inline
@@ -379,8 +380,8 @@ def apply_block[
                 prefetch_span(l_scales.unsafe_bitcast[UInt8](), r0 * lsb, r1 * lsb)
         comptime if use_xp:
             if row0 < m:
-                ring_prefetch[bq, gq](q_codes, q_scales, xp, row0, n, ws, per, s, xs)
-            var local_at = shared_bytes(s, k) // 4  # (`local_x`: after the rings and t)
+                ring_prefetch[bq, gq, x_slots = not local_x](q_codes, q_scales, xp, row0, n, ws, per, s, xs)
+            var local_at = shared_bytes(s, k, x_slots=False) // 4  # (`local_x`: after the rings and t)
             comptime if local_x:  # x itself is complete before stage 1 starts
                 prepare_x_local(x, xs.unsafe_offset(local_at), s, n)
             else:
@@ -394,9 +395,11 @@ def apply_block[
                 decode_warp[bq, gq, dtype, B_X, rings](acc, q_codes, q_scales, m, row0, n, ws, per, x, t_parts, s, xs)
         wait_on_dependent_grids()  # t, and y's memory, belong to stage 1 until it ends
         if k > 0:
-            sum_t[dtype](t_parts, s, k, xs)
+            sum_t[dtype, not local_x](t_parts, s, k, xs)
             if row0 < m or not rings:
-                decode_warp[bl, gl, dtype, B_T, rings](acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs)
+                decode_warp[bl, gl, dtype, B_T, rings, False, local_x](
+                    acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs
+                )
         var r = reduce_warps(acc, red, tiles)
         var row = 16 * tiles * bid + r[2]
         if r[0] and row < m and r[3] < s:
@@ -628,7 +631,7 @@ def launch_apply[
         return
     comptime if bq == 2:
         if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room) and local_x_fits(s, n, k):
-            var local_smem = smem + 4 * local_x_words(s, n)
+            var local_smem = shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n)
             ctx.enqueue_function[kernel[False, True, True, True]](
                 grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=local_smem,
                 func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(local_smem)),

@@ -58,7 +58,7 @@ def decode_warp[
     B_X has s ≤ RING_X_TOKENS).
     """
     comptime cols = step_cols[bits]()
-    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[not local_x](s))
     var q, ra = Int(lane_id()) % 4, row0 + Int(lane_id()) // 4
     var nsteps = ceildiv(ncols, cols)
     comptime if bits == 16:
@@ -86,7 +86,9 @@ def decode_warp[
             if ring_x_tokens(s) > 0:
                 ring_warp[bits, group, dtype, b_src, True, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
                 return
-        ring_warp[bits, group, dtype, b_src, False, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs, False)
+        ring_warp[bits, group, dtype, b_src, False, False, local_x](
+            acc, data, scales, row0, ncols, step0, stride, x, s, xs, False
+        )
 
 
 @always_inline
@@ -210,11 +212,11 @@ def prepare_x_local[
 
 @always_inline
 def sum_t[
-    dtype: DType
+    dtype: DType, x_slots: Bool = True
 ](t_parts: Pointer[Float32, _], s: Int, k: Int, xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED]):
-    """Decode, block-wide: t = Σ_p t_parts[p] (s, k) rounded to `dtype` into shared memory after the rings, each
-    token's row `t_row(k)` words long and zero past k, for `decode_warp`'s B_T."""
-    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s)).unsafe_bitcast[Scalar[dtype]]()
+    """Decode, block-wide: t = Σ_p t_parts[p] (s, k) rounded to `dtype` into shared memory after the rings (of
+    `ring_words[x_slots]`), each token's row `t_row(k)` words long and zero past k, for `decode_warp`'s B_T."""
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[x_slots](s)).unsafe_bitcast[Scalar[dtype]]()
     var row = 2 * t_row(k)
     for e in range(Int(thread_idx.x), s * row, THREADS):
         var token, c = e // row, e % row
