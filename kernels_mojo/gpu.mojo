@@ -390,6 +390,9 @@ def apply_block[
                 decode_warp[bq, gq, dtype, B_X, True, True, local_x](
                     acc, q_codes, q_scales, m, row0, n, ws, per, xp, t_parts, s, xs, ahead=True, local_at=local_at
                 )
+            comptime if bl < 16:  # L's first codes on their way while stage 1 ends (they do not depend on it)
+                if k > 0 and row0 < m:
+                    ring_prefetch[bl, gl, x_slots = not local_x](l_data, l_scales, xp, row0, k, ws, per, s, xs)
         else:
             if row0 < m or not rings:
                 decode_warp[bq, gq, dtype, B_X, rings](acc, q_codes, q_scales, m, row0, n, ws, per, x, t_parts, s, xs)
@@ -398,7 +401,7 @@ def apply_block[
             sum_t[dtype, not local_x](t_parts, s, k, xs)
             if row0 < m or not rings:
                 decode_warp[bl, gl, dtype, B_T, rings, False, local_x](
-                    acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs
+                    acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs, ahead=use_xp and bl < 16
                 )
         var r = reduce_warps(acc, red, tiles)
         var row = 16 * tiles * bid + r[2]

@@ -54,8 +54,8 @@ def decode_warp[
     B: x (B_X), or t (B_T) summed into shared memory by `sum_t` (from t_parts for 16-bit parts). With `all_ring`
     every tile takes the ring (`all_ring`: the kernel then holds no code for the others, and fewer registers); with
     `xp`, x is xp (`prepare_x`), or with `local_x` the block's own prepared copy from word local_at of xs on
-    (`prepare_x_local`). `ahead`: `ring_prefetch` has requested the first steps' codes (the tile takes the ring and
-    B_X has s ≤ RING_X_TOKENS).
+    (`prepare_x_local`). `ahead`: `ring_prefetch` has requested the first steps' codes (the tile takes the ring; B_X
+    with s ≤ RING_X_TOKENS, or B_T).
     """
     comptime cols = step_cols[bits]()
     var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[not local_x](s))
@@ -87,7 +87,7 @@ def decode_warp[
                 ring_warp[bits, group, dtype, b_src, True, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
                 return
         ring_warp[bits, group, dtype, b_src, False, False, local_x](
-            acc, data, scales, row0, ncols, step0, stride, x, s, xs, False
+            acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead
         )
 
 

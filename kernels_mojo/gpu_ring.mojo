@@ -194,6 +194,7 @@ def ring_prefetch[
     `x_slots`: the rings' layout (`ring_words`)."""
     var ring = warp_ring[x_slots](xs, s)
     var mine = warp_steps[bits](ncols, step0, stride)
+    syncwarp()  # every lane is done with the slots (an earlier `ring_warp`)
     comptime for i in range(RING - 1):
         if i < mine:
             ring_copy[bits, group, dtype, False, False, ISSUE_CODES](
