@@ -46,8 +46,8 @@ from max.gpu.primitives.grid_controls import (
 from max.gpu.host import DeviceContext, FuncAttribute
 
 from .gpu_tiles import B_T, B_X, NT_WIDE, P_SPLIT, SMALL_S, THREADS, WARPS, X_ROW, segment, step_cols, wide_coords
-from .gpu_ring import RING_X_TOKENS, ring_fits, ring_prefetch, ring_words, t_row
-from .gpu_decode import XP_PARTS, decode_warp, prepare_x, reduce_warps, sum_t
+from .gpu_ring import RING_X_TOKENS, ring_fits, ring_prefetch, ring_words, t_row, x_slot_words
+from .gpu_decode import XP_PARTS, decode_warp, prepare_x, prepare_x_local, reduce_warps, sum_t
 from .gpu_wide import (
     RING_SLOTS,
     X_WORDS,
@@ -62,17 +62,21 @@ from .gpu_wide import (
 
 comptime SMS = 132
 """Streaming multiprocessors of the H100 SXM the tile rules were measured on (`decode_tiles`, `k_splits`)."""
+comptime LOCAL_X_BYTES = 112 * 1024
+"""Decode: most shared memory of a stage-2 block that prepares its own activations (`local_x_fits`), so that two
+blocks share an SM (228 KB on the H100)."""
 comptime MAX_SPLITS = 8
 """Most K splits of a wide tile (`k_splits`)."""
 
 
 @always_inline
-def shared_bytes(s: Int, k: Int, nt: Int = NT_WIDE) -> Int:
+def shared_bytes(s: Int, k: Int, nt: Int = NT_WIDE, x_slots: Bool = True) -> Int:
     """Dynamic shared memory of a launch: the wide tile and its natural copy, or the ring of tiles of 8·nt tokens
-    (`wg_ring_part`), or at decode the cross-warp sums, each warp's ring and t."""
+    (`wg_ring_part`), or at decode the cross-warp sums, each warp's ring (with activation slots: `x_slots`) and t."""
     if s > SMALL_S:
         return max(X_WORDS + 64 * X_ROW, RING_SLOTS * tile_words(nt)) * 4
-    return (WARPS * 128 + WARPS * ring_words(s) + s * t_row(k)) * 4
+    var ring = ring_words[True](s) if x_slots else ring_words[False](s)
+    return (WARPS * 128 + WARPS * ring + s * t_row(k)) * 4
 
 
 @always_inline
@@ -106,7 +110,7 @@ def apply_blocks(s: Int, m: Int) -> Int:
 
 @always_inline
 def project_block[
-    dtype: DType, //, br: Int, gr: Int, wide: Bool
+    dtype: DType, //, br: Int, gr: Int, wide: Bool, rings: Bool = False
 ](
     bid: Int,
     red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
@@ -122,7 +126,7 @@ def project_block[
     k: Int,
 ):
     """Block `bid` of stage 1: its rows of t_parts[p], the partial sum over K segment p; with `prep`, its share of
-    xp (`prepare_x`)."""
+    xp (`prepare_x`); `rings`: every tile of R takes the ring at decode (`decode_warp`'s all_ring)."""
     var w, lane = Int(warp_id()), Int(lane_id())
     var p = bid % P_SPLIT
     comptime if not wide:  # one 16-row tile per block, its warps taking every (P_SPLIT·WARPS)-th K step
@@ -135,7 +139,7 @@ def project_block[
         if prep:
             prepare_x(x, xp, s, n, bid, project_blocks(s, k))
         var acc = SIMD[DType.float32, 4](0)
-        decode_warp[br, gr, dtype, B_X, False](
+        decode_warp[br, gr, dtype, B_X, rings](
             acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, xs, ahead
         )
         var r = reduce_warps(acc, red)
@@ -167,13 +171,35 @@ def all_ring[bq: Int, gq: Int, bl: Int, gl: Int](m: Int, n: Int, k: Int) -> Bool
 def xp_fits[bq: Int, gq: Int, bl: Int, gl: Int](s: Int, m: Int, n: Int, k: Int, room: Bool) -> Bool:
     """Whether stage 2 reads the activations that stage 1 prepared (`prepare_x`): room for them (the graph gives
     xp XP_PARTS rows for 2-bit Q on the GPU), few tokens, a low-rank part (stage 1 runs) and every tile in the ring."""
-    return bq == 2 and prepares_x(s, n, k, room) and all_ring[bq, gq, bl, gl](m, n, k)
+    return bq == 2 and uses_prepared_x(s, n, k, room) and all_ring[bq, gq, bl, gl](m, n, k)
 
 
 @always_inline
 def prepares_x(s: Int, n: Int, k: Int, room: Bool) -> Bool:
-    """Whether stage 1 writes xp: `xp_fits` less what stage 1 does not know (it holds for every Q of n columns)."""
+    """Whether stage 1 writes xp: `xp_fits` less what stage 1 does not know (it holds for every Q of n columns), and
+    stage 2's blocks do not prepare their own (`local_x_fits`)."""
+    return uses_prepared_x(s, n, k, room) and not local_x_fits(s, n, k)
+
+
+@always_inline
+def uses_prepared_x(s: Int, n: Int, k: Int, room: Bool) -> Bool:
+    """Whether stage 2 may read prepared activations (`prepare_x`, from stage 1 or its own): `xp_fits` less what
+    stage 1 does not know."""
     return room and 0 < s and s <= RING_X_TOKENS and k > 0 and n % 64 == 0
+
+
+@always_inline
+def local_x_words(s: Int, n: Int) -> Int:
+    """Shared words of a decode block's own prepared activations (`prepare_x_local`): a ring slot per K step."""
+    return ceildiv(n, 256) * x_slot_words(s)
+
+
+@always_inline
+def local_x_fits(s: Int, n: Int, k: Int) -> Bool:
+    """Whether each stage-2 block prepares its own activations in shared memory (`prepare_x_local`) where the
+    prepared ones are read, instead of waiting for stage 1's xp: with them a block stays within LOCAL_X_BYTES. Q's
+    loop then runs while stage 1 does."""
+    return shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n) <= LOCAL_X_BYTES
 
 
 @always_inline
@@ -309,6 +335,7 @@ def apply_block[
     fused: Bool,
     rings: Bool,
     use_xp: Bool,
+    local_x: Bool = False,
 ](
     bid: Int,
     red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
@@ -353,20 +380,29 @@ def apply_block[
                 prefetch_span(l_scales.unsafe_bitcast[UInt8](), r0 * lsb, r1 * lsb)
         comptime if use_xp:
             if row0 < m:
-                ring_prefetch[bq, gq](q_codes, q_scales, xp, row0, n, ws, per, s, xs)
-            wait_on_dependent_grids()
+                ring_prefetch[bq, gq, x_slots = not local_x](q_codes, q_scales, xp, row0, n, ws, per, s, xs)
+            var local_at = shared_bytes(s, k, x_slots=False) // 4  # (`local_x`: after the rings and t)
+            comptime if local_x:  # x itself is complete before stage 1 starts
+                prepare_x_local(x, xs.unsafe_offset(local_at), s, n)
+            else:
+                wait_on_dependent_grids()
             if row0 < m:
-                decode_warp[bq, gq, dtype, B_X, True, True](
-                    acc, q_codes, q_scales, m, row0, n, ws, per, xp, t_parts, s, xs, ahead=True
+                decode_warp[bq, gq, dtype, B_X, True, True, local_x](
+                    acc, q_codes, q_scales, m, row0, n, ws, per, xp, t_parts, s, xs, ahead=True, local_at=local_at
                 )
+            comptime if bl < 16:  # L's first codes on their way while stage 1 ends (they do not depend on it)
+                if k > 0 and row0 < m:
+                    ring_prefetch[bl, gl, x_slots = not local_x](l_data, l_scales, xp, row0, k, ws, per, s, xs)
         else:
             if row0 < m or not rings:
                 decode_warp[bq, gq, dtype, B_X, rings](acc, q_codes, q_scales, m, row0, n, ws, per, x, t_parts, s, xs)
         wait_on_dependent_grids()  # t, and y's memory, belong to stage 1 until it ends
         if k > 0:
-            sum_t[dtype](t_parts, s, k, xs)
+            sum_t[dtype, not local_x](t_parts, s, k, xs)
             if row0 < m or not rings:
-                decode_warp[bl, gl, dtype, B_T, rings](acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs)
+                decode_warp[bl, gl, dtype, B_T, rings, False, local_x](
+                    acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs, ahead=use_xp and bl < 16
+                )
         var r = reduce_warps(acc, red, tiles)
         var row = 16 * tiles * bid + r[2]
         if r[0] and row < m and r[3] < s:
@@ -488,24 +524,31 @@ def launch_project[
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
-    def kernel[wide: Bool]():  # (captures arguments only: a captured local `var` is read through a host address)
+    def kernel[wide: Bool, rings: Bool]():  # (captures arguments only: a captured local `var` is read through a
+        # host address)
         comptime if not wide:
             launch_dependent_grids()
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
         var prep = prepares_x(s, n, k, xp_room)
-        project_block[br, gr, wide](
+        project_block[br, gr, wide, rings](
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, t_parts, x, r_data, r_scales, xp, prep, s, n,
             k,
         )
 
     var smem = shared_bytes(s, k)
     var attr = FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(smem))  # over 48 KB needs the opt-in
+    comptime if br < 16:  # every tile of R in the ring: the kernel holds no register path (fewer registers)
+        if s <= SMALL_S and k % 16 == 0 and ring_fits[br, gr](k, 0, n):
+            ctx.enqueue_function[kernel[False, True]](
+                grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
+            )
+            return
     if s <= SMALL_S:
-        ctx.enqueue_function[kernel[False]](
+        ctx.enqueue_function[kernel[False, False]](
             grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
         )
     else:
-        ctx.enqueue_function[kernel[True]](
+        ctx.enqueue_function[kernel[True, False]](
             grid_dim=project_blocks(s, k), block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr
         )
 
@@ -571,9 +614,9 @@ def launch_apply[
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
-    def kernel[wide: Bool, rings: Bool, use_xp: Bool]():
+    def kernel[wide: Bool, rings: Bool, use_xp: Bool, local_x: Bool = False]():
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
-        apply_block[bq, gq, bl, gl, wide, False, rings, use_xp](
+        apply_block[bq, gq, bl, gl, wide, False, rings, use_xp, local_x](
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, y, x, xp, t_parts, q_codes, q_scales, l_data,
             l_scales, bias, s, m, n, k, has_bias, stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
         )
@@ -590,6 +633,14 @@ def launch_apply[
         )
         return
     comptime if bq == 2:
+        if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room) and local_x_fits(s, n, k):
+            var local_smem = shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n)
+            ctx.enqueue_function[kernel[False, True, True, True]](
+                grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=local_smem,
+                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(local_smem)),
+                attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
+            )
+            return
         if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room):
             ctx.enqueue_function[kernel[False, True, True]](
                 grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,

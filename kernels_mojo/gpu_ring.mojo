@@ -39,9 +39,11 @@ def x_slot_words(s: Int) -> Int:
 
 
 @always_inline
-def ring_words(s: Int) -> Int:
-    """Shared words of one warp's decode ring for s tokens: codes and scales, then the activations."""
-    return RING_WORDS + RING * x_slot_words(s)
+def ring_words[x_slots: Bool = True](s: Int) -> Int:
+    """Shared words of one warp's decode ring for s tokens: codes and scales, then (`x_slots`) the activations."""
+    comptime if x_slots:
+        return RING_WORDS + RING * x_slot_words(s)
+    return RING_WORDS
 
 
 @always_inline
@@ -158,21 +160,24 @@ def ring_copy[
 
 
 @always_inline
-def warp_ring(xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED], s: Int) -> type_of(xs):
-    """This warp's decode ring in the block's shared memory (after the cross-warp sums)."""
-    return xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words(s))
+def warp_ring[
+    x_slots: Bool = True
+](xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED], s: Int) -> type_of(xs):
+    """This warp's decode ring in the block's shared memory (after the cross-warp sums; `ring_words`)."""
+    return xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words[x_slots](s))
 
 
 @always_inline
 def warp_steps[bits: Int](ncols: Int, step0: Int, stride: Int) -> Int:
-    """K steps step0, step0 + stride, … of a row of ncols columns."""
+    """K steps step0, step0 + stride, … of a row of ncols columns (32-bit division: the 64-bit one is a call of
+    about 70 instructions on the GPU)."""
     var nsteps = ceildiv(ncols, step_cols[bits]())
-    return ceildiv(nsteps - step0, stride) if step0 < nsteps else 0
+    return Int((UInt32(nsteps - step0) + UInt32(stride - 1)) // UInt32(stride)) if step0 < nsteps else 0
 
 
 @always_inline
 def ring_prefetch[
-    bits: Int, group: Int, dtype: DType
+    bits: Int, group: Int, dtype: DType, x_slots: Bool = True
 ](
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
@@ -185,9 +190,11 @@ def ring_prefetch[
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
 ):
     """Start copying the codes and scales of this warp's first RING - 1 K steps into its ring (uncommitted: the
-    first of `ring_warp`'s groups completes them), before the activations they meet are ready (x is not read)."""
-    var ring = warp_ring(xs, s)
+    first of `ring_warp`'s groups completes them), before the activations they meet are ready (x is not read).
+    `x_slots`: the rings' layout (`ring_words`)."""
+    var ring = warp_ring[x_slots](xs, s)
     var mine = warp_steps[bits](ncols, step0, stride)
+    syncwarp()  # every lane is done with the slots (an earlier `ring_warp`)
     comptime for i in range(RING - 1):
         if i < mine:
             ring_copy[bits, group, dtype, False, False, ISSUE_CODES](
@@ -197,7 +204,7 @@ def ring_prefetch[
 
 @always_inline
 def ring_warp[
-    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool, xp: Bool
+    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool, xp: Bool, local_x: Bool = False
 ](
     mut acc: SIMD[DType.float32, 4],
     data: Pointer[UInt8, _],
@@ -210,13 +217,16 @@ def ring_warp[
     s: Int,
     xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
     ahead: Bool,
+    local_at: Int = 0,
 ):
     """`decode_warp` for tiles that `ring_fits`: each K step's codes and scales (and with `x_ring` its activations)
     reach shared memory by cp.async RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in
-    flight without holding registers. With `xp`, x is xp (`prepare_x`). With `ahead`, the first steps' codes are
-    already on their way (`ring_prefetch`)."""
-    var ring = warp_ring(xs, s)
-    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words(s))  # t, for B_T (`sum_t`)
+    flight without holding registers. With `xp`, x is xp (`prepare_x`), or with `local_x` (and no `x_ring`) the
+    block's own prepared slots from word local_at of xs on (`prepare_x_local`); `local_x` rings hold no activation
+    slots (`ring_words`), for B_T too. With `ahead`, the first steps' codes
+    are already on their way (`ring_prefetch`)."""
+    var ring = warp_ring[not local_x](xs, s)
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[not local_x](s))  # t, for B_T (`sum_t`)
     comptime cpg = chunks_per_group[bits, group]()
     var mine = warp_steps[bits](ncols, step0, stride)
     var lane = Int(lane_id())
@@ -253,6 +263,9 @@ def ring_warp[
         comptime if b_src == B_T:
             var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
             decode_step[bits, dtype, True](acc, words, sc, ncols, step, x, s, tw, t_row(ncols))
+        elif local_x:
+            var xw = xs.unsafe_offset(local_at + step * x_slot_words(s))
+            decode_step[bits, dtype, True, True](acc, words, sc, ncols, step, x, s, xw, X_ROW)
         else:
             var xw = ring.unsafe_offset(RING_WORDS + slot * x_slot_words(s))
             decode_step[bits, dtype, x_ring, xp](acc, words, sc, ncols, step, x, s, xw, X_ROW)
