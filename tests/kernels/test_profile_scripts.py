@@ -10,6 +10,8 @@ FAKE_NCU = """#!/usr/bin/env bash
 if [ "$1" = "--query-metrics" ]; then
   [ -n "${FAKE_GMMA:-}" ] && echo "sm__pipe_tensor_op_gmma_cycles_active    Counter  cycle  # of cycles"
   echo "sm__pipe_tensor_op_hmma_cycles_active    Counter  cycle  # of cycles"
+  # the real list goes on for thousands of lines, past a pipe's buffer after the match
+  for i in $(seq 3000); do echo "smsp__filler_metric_$i    Counter  cycle  # of cycles"; done
   exit 0
 fi
 echo "$*" >> "$FAKE_ARGS"
