@@ -101,11 +101,11 @@ def decode_tiles(m: Int) -> Int:
 
 
 @always_inline
-def apply_blocks(s: Int, m: Int) -> Int:
-    """Blocks of stage 2 (a 1-D grid)."""
+def apply_blocks(s: Int, m: Int, nt: Int = NT_WIDE) -> Int:
+    """Blocks of stage 2 (a 1-D grid); past SMALL_S its wide tiles of 8·nt tokens (`tile_nt`)."""
     if s <= SMALL_S:
         return ceildiv(m, 16 * decode_tiles(m))
-    return ceildiv(m, 16 * WARPS) * passes(s)
+    return ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt)
 
 
 @always_inline
@@ -252,8 +252,7 @@ def tile_nt[bq: Int, bl: Int, dtype: DType](s: Int, m: Int, n: Int, k: Int, room
     K step serves twice the tokens) where Q's and L's K loops both take the staged-tile ring (`tiles_x`, t from xp)
     and such tiles are at least as many as the SMs (so no K split is missed), else NT_WIDE."""
     comptime wide = 2 * NT_WIDE
-    var tiles = ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * wide)
-    if tiles_x[bq, bl, dtype](s, n, k, room) and uses_wgmma[bl, dtype]() and tiles >= SMS:
+    if tiles_x[bq, bl, dtype](s, n, k, room) and uses_wgmma[bl, dtype]() and apply_blocks(s, m, wide) >= SMS:
         return wide
     return NT_WIDE
 
@@ -633,19 +632,19 @@ def launch_apply[
         )
         return
     comptime if bq == 2:
-        if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room) and local_x_fits(s, n, k):
-            var local_smem = shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n)
-            ctx.enqueue_function[kernel[False, True, True, True]](
-                grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=local_smem,
-                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(local_smem)),
-                attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
-            )
-            return
-        if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room):
-            ctx.enqueue_function[kernel[False, True, True]](
-                grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
-                attributes=pdl_launch_attributes(PDLLevel(after_stage1)),  # xp_fits: stage 1 ran (k > 0)
-            )
+        if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room):  # (stage 1 ran: k > 0)
+            if local_x_fits(s, n, k):
+                var local_smem = shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n)
+                ctx.enqueue_function[kernel[False, True, True, True]](
+                    grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=local_smem,
+                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(local_smem)),
+                    attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
+                )
+            else:
+                ctx.enqueue_function[kernel[False, True, True]](
+                    grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+                    attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
+                )
             return
     if all_ring[bq, gq, bl, gl](m, n, k):
         ctx.enqueue_function[kernel[False, True, False]](
@@ -711,7 +710,7 @@ def launch_fused[
     var n_project = project_blocks(s, k) if k > 0 else 0
     var nt = tile_nt[bq, bl, dtype](s, m, n, k, xp_room)
     var splits = k_splits[bq, bl, dtype](s, n, k, m, xp_room) if nt == NT_WIDE else 1
-    var total = n_project + ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt) * splits
+    var total = n_project + apply_blocks(s, m, nt) * splits
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter

@@ -26,11 +26,11 @@ def run_with_fake_ncu(tmp_path: Path, script: str, args: list[str], **env: str) 
     (bin_dir / "ncu").chmod(0o755)
     calls = tmp_path / f"calls-{len(list(tmp_path.glob('calls-*')))}.txt"
     calls.touch()
-    full_env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path)}
+    path = f"{bin_dir}:{os.environ['PATH']}"
     subprocess.run(
         ["bash", f"benchmarks/{script}", *args],
         cwd=ROOT,
-        env={**full_env, "FAKE_ARGS": str(calls)},
+        env={**os.environ, **env, "PATH": path, "OUT": str(tmp_path), "FAKE_ARGS": str(calls)},
         capture_output=True,
         text=True,
         timeout=120,
