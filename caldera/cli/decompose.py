@@ -103,8 +103,9 @@ def decompose(
         run_dir = decompose_run(*args, ray_address=address, overrides=rules)
     except decompose_errors() as e:
         fail(str(e))
-    except KeyboardInterrupt:
-        message = f"interrupted after {len(results)} layers; rerun the same command to resume"
+    except KeyboardInterrupt as e:  # Interrupted once the run is open
+        saved = e.saved if isinstance(e, Interrupted) else len(results)
+        message = f"interrupted after {saved} layers; rerun the same command to resume"
         err_console.print(message, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     peaks = [r.peak_gpu_mb for r in results if r.peak_gpu_mb is not None]  # Ray tasks' own (other processes)
@@ -131,6 +132,15 @@ def decompose_errors() -> tuple[type[Exception], ...]:
     return (*errors, RunDirError, ShardError, CalibrateError, FileExistsError, ImportError, ClusterError)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an open run: ``saved`` of the selected layers are in the run directory (counted there: a
+    layer's file can land before its result is reported)."""
+
+    def __init__(self, saved: int) -> None:
+        super().__init__(saved)
+        self.saved = saved
+
+
 def decompose_run(
     model,
     run,
@@ -151,10 +161,16 @@ def decompose_run(
         from caldera.pipeline.distributed import connect
 
         connect(ray_address)  # before the lock: an unreachable cluster leaves the run untouched
+    from caldera.pipeline.run_decompose import unfinished_layers
+
     with job.run.lock():
-        job.run.ensure_spec("decompose", job.spec)  # a resumed run must have the same settings
-        _decompose_calibrate(job, calibration["samples"], calibration["seq_len"], calibration["calib"], json_out)
-        _decompose_layers(job, cfg, json_out, results, ray_address)
+        try:
+            job.run.ensure_spec("decompose", job.spec)  # a resumed run must have the same settings
+            _decompose_calibrate(job, calibration["samples"], calibration["seq_len"], calibration["calib"], json_out)
+            _decompose_layers(job, cfg, json_out, results, ray_address)
+        except KeyboardInterrupt:
+            unfinished = unfinished_layers(job.run, job.config["num_hidden_layers"])
+            raise Interrupted(len(set(job.layers) - set(unfinished))) from None
     return job.run.root
 
 

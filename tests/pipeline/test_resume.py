@@ -106,6 +106,23 @@ def test_ctrl_c_stops_between_layers_and_says_how_to_resume(llama4_dir, calib_fi
     assert [line.get("resumed", False) for line in _lines(result.stdout)[:-1]] == [True, False, False, False]
 
 
+def test_ctrl_c_counts_the_layers_saved_in_the_run(llama4_dir, calib_file, tmp_path, monkeypatch):
+    # Ctrl-C right after layer 0's file lands, before its result is reported: the message counts the run's files
+    import caldera.cli.decompose as cli
+
+    run = tmp_path / "run"
+
+    def save_layer_0_then_interrupt(job, *_):
+        job.run.layer_path(0).parent.mkdir(parents=True, exist_ok=True)
+        job.run.layer_path(0).write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_decompose_layers", save_layer_0_then_interrupt)
+    result = runner.invoke(app, _args(llama4_dir, calib_file, run))
+    assert result.exit_code == 130
+    assert "interrupted after 1 layers; rerun the same command to resume" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("other", "needle"),
     [(["--rank", "8"], "decompose.rank=16, not 8"), (["--bq", "3"], "decompose.bq=2, not 3")],
