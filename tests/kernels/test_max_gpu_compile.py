@@ -1,7 +1,9 @@
 """The GPU branch of the ops compiles for the H100 (sm_90a) through MAX's virtual device: no GPU needed.
 
 A compile error in kernels_mojo/gpu*.mojo fails this test (CI has no GPU). It runs in a subprocess because
-virtual-device mode is process-wide. The GPU numbers themselves are checked on the H100 (runbook step 03).
+virtual-device mode is process-wide; the probe leaves by os._exit once its files are listed (MAX's teardown after a
+virtual-device compile aborted once in CI: "terminate called without an active exception", the work all done).
+The GPU numbers themselves are checked on the H100 (runbook step 03).
 """
 
 import subprocess
@@ -12,14 +14,15 @@ import pytest
 pytestmark = pytest.mark.max
 
 PROBE = """
-import sys, torch
+import os, sys, torch
 from pathlib import Path
 from caldera.runtime import max_graph as mg
 out = Path(sys.argv[1])
 mg.compile_for_gpu(mg.IMPLS, mg.KernelSpec(), torch.bfloat16, "sm_90a", out / "bf16")
 # 4-bit Q in groups of 128 (4 chunks a group: no shared-memory ring), fp16 factors, fp16 activations
 mg.compile_for_gpu(mg.IMPLS, mg.KernelSpec(4, 128, 16, 1, 16, 1), torch.float16, "sm_90a", out / "fp16")
-print(sorted(p.suffix for p in out.rglob("*.mef")))
+print(sorted(p.suffix for p in out.rglob("*.mef")), flush=True)
+os._exit(0)
 """
 
 
@@ -30,7 +33,7 @@ def test_gpu_branch_compiles_for_sm90a(tmp_path):
 
 
 LAYER_PROBE = """
-import sys
+import os, sys
 from pathlib import Path
 from types import SimpleNamespace
 from max.dtype import DType
@@ -50,7 +53,8 @@ steps.append(ml.Step(((mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)), swiglu=Tr
 plans = ml.LayerGraph(steps).plans
 out = Path(sys.argv[1])
 mg.compile_graph_for_gpu(lambda device: ml.build_layer_graph(plans, "fused", DType.bfloat16, device), "sm_90a", out)
-print(sorted(p.suffix for p in out.rglob("*.mef")))
+print(sorted(p.suffix for p in out.rglob("*.mef")), flush=True)
+os._exit(0)
 """
 
 
