@@ -6,12 +6,12 @@
 # compiles into its own MAX cache, /tmp/mc-TAG, the one `ab_trees.sh` uses. SEQ and PROJ choose the warmed graphs
 # (default: seq 128, every projection); PARITY=0 only warms. Logs: $OUT/parity-TAG.log, $OUT/warm-TAG.err.
 set -u
-out=${OUT:-/tmp}
+out=${OUT:-/tmp} parity=${PARITY:-1}
 [ -f .gpu/trees.tgz ] && tar xzf .gpu/trees.tgz -C .gpu
 for tag in "$@"; do
   tree=$PWD; [ -d ".gpu/$tag" ] && tree=$PWD/.gpu/$tag
   ( cd "$tree" && export MODULAR_CACHE_DIR=/tmp/mc-$tag PYTHONPATH="$tree:/tmp/site"
-    if [ "${PARITY:-1}" != 0 ]; then
+    if [ "$parity" != 0 ]; then
       timeout 420 python3 -m pytest tests/kernels/test_max_gpu.py -q -p no:cacheprovider > "$out/parity-$tag.log" 2>&1
       echo "parity rc $?" >> "$out/parity-$tag.log"
     fi
@@ -21,7 +21,7 @@ for tag in "$@"; do
 done
 wait
 for tag in "$@"; do
-  parity="no parity (PARITY=0)"
-  [ "${PARITY:-1}" != 0 ] && parity=$(grep -E 'passed|failed|skipped|error' "$out/parity-$tag.log" | tail -n 1)
-  echo "$tag: $parity | $(tail -n 1 "$out/warm-$tag.err")"
+  said="no parity (PARITY=0)"
+  [ "$parity" != 0 ] && said=$(grep -E 'passed|failed|skipped|error' "$out/parity-$tag.log" | tail -n 1)
+  echo "$tag: $said | $(tail -n 1 "$out/warm-$tag.err")"
 done

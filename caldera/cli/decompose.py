@@ -103,8 +103,8 @@ def decompose(
         run_dir = decompose_run(*args, ray_address=address, overrides=rules)
     except decompose_errors() as e:
         fail(str(e))
-    except KeyboardInterrupt as e:  # Interrupted once the run is open
-        saved = e.saved if isinstance(e, Interrupted) else len(results)
+    except KeyboardInterrupt as e:  # Interrupted once the run is open, else before any layer
+        saved = e.saved if isinstance(e, Interrupted) else 0
         message = f"interrupted after {saved} layers; rerun the same command to resume"
         err_console.print(message, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
@@ -161,16 +161,13 @@ def decompose_run(
         from caldera.pipeline.distributed import connect
 
         connect(ray_address)  # before the lock: an unreachable cluster leaves the run untouched
-    from caldera.pipeline.run_decompose import unfinished_layers
-
     with job.run.lock():
         try:
             job.run.ensure_spec("decompose", job.spec)  # a resumed run must have the same settings
             _decompose_calibrate(job, calibration["samples"], calibration["seq_len"], calibration["calib"], json_out)
             _decompose_layers(job, cfg, json_out, results, ray_address)
         except KeyboardInterrupt:
-            unfinished = unfinished_layers(job.run, job.config["num_hidden_layers"])
-            raise Interrupted(len(set(job.layers) - set(unfinished))) from None
+            raise Interrupted(len(job.layers) - len(job.unfinished())) from None
     return job.run.root
 
 
@@ -183,6 +180,12 @@ class _DecomposeJob:
     device: object  # torch.device
     spec: dict  # run.json "decompose"
     run: object  # caldera.io.run_dir.RunDir
+
+    def unfinished(self) -> list[int]:
+        """The selected layers whose file is not in the run yet."""
+        from caldera.pipeline.run_decompose import unfinished_layers
+
+        return sorted(set(self.layers) & set(unfinished_layers(self.run, self.config["num_hidden_layers"])))
 
 
 def _decompose_open(model_dir, run_dir, layers_spec, device, cfg, calibration: dict, overrides) -> _DecomposeJob:
@@ -212,9 +215,9 @@ def _decompose_calibrate(job: _DecomposeJob, samples: int, seq_len: int, calib, 
     from caldera.io.corpus import describe_texts, load_texts
     from caldera.io.model_folder import load_tokenizer
     from caldera.pipeline.calibrate import calibrate as stream_hessians
-    from caldera.pipeline.run_decompose import missing_hessians, unfinished_layers
+    from caldera.pipeline.run_decompose import missing_hessians
 
-    unfinished = sorted(set(job.layers) & set(unfinished_layers(job.run, job.config["num_hidden_layers"])))
+    unfinished = job.unfinished()
     todo, ids = missing_hessians(job.run, unfinished), None  # finished layers need no Hessians
     if todo:  # the text is checked before anything is said
         texts = load_texts(calib) if calib else default_calibration_texts()
@@ -243,9 +246,9 @@ def _decompose_layers(job: _DecomposeJob, cfg, json_out: bool, results: list, ra
     """Decompose (or read back) layer by layer into ``results``: a JSON line or a human line per layer."""
     from caldera.pipeline.decompose_model import PROJECTIONS
     from caldera.pipeline.distributed import ray_decompose_into_run
-    from caldera.pipeline.run_decompose import decompose_into_run, unfinished_layers
+    from caldera.pipeline.run_decompose import decompose_into_run
 
-    todo = len(set(job.layers) & set(unfinished_layers(job.run, job.config["num_hidden_layers"])))
+    todo = len(job.unfinished())
     with progress_bar(json_out) as progress:
         if ray_address is None:
             task = progress.add_task("matrices", total=todo * len(PROJECTIONS))
