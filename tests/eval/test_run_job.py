@@ -66,3 +66,18 @@ def test_finetune_steps_add_a_tuned_row_at_the_same_bits_and_resume(qwen2_dir, c
     assert {line["tag"]: line["result"]["ppl"] for line in _lines(again.stdout) if "result" in line} == {
         tag: r["ppl"] for tag, r in results.items()
     }
+
+
+def test_ctrl_c_in_a_decomposition_stops_the_job_and_says_how_to_resume(qwen2_dir, calib_file, tmp_path, monkeypatch):
+    import caldera.cli.decompose as cli
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("CALDERA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "_decompose_layers", interrupt)  # decompose_run turns it into its Interrupted
+    args = ["run", "--model", str(qwen2_dir), "--calib", str(calib_file), "--eval-data", str(calib_file)]
+    args += ["--methods", "rtn", "--samples", "4", "--seq-len", "32", "--workdir", str(tmp_path / "job")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert "interrupted; rerun the same command to resume" in result.stderr
