@@ -64,6 +64,9 @@ comptime SMS = 132
 """Streaming multiprocessors of the H100 SXM the tile rules were measured on (`decode_tiles`, `k_splits`)."""
 comptime MAX_SPLITS = 8
 """Most K splits of a wide tile (`k_splits`)."""
+comptime SPLIT_VALUES = 1 << 21
+"""Float32 values of the one-launch op's split-K scratch (`k_splits`): 2 splits of 128 tokens × 8192 rows. The graph
+gives the op a scratch output of this size on the GPU (max_graph.py's SPLIT_VALUES_GPU)."""
 
 
 @always_inline
@@ -201,34 +204,27 @@ def counters_at[bq: Int, bl: Int](s: Int, n: Int, k: Int) -> Int:
 
 
 @always_inline
-def partials_at[bq: Int, bl: Int](s: Int, n: Int, k: Int, m: Int) -> Int:
-    """Where in xp (in values; 16-byte aligned) the one-launch op's split-K float32 partial sums (splits, s, m)
-    follow the counters: one per token pass, then one per wide tile (`k_splits`)."""
-    return counters_at[bq, bl](s, n, k) + ceildiv((passes(s) + apply_blocks(s, m)) * 4, 8) * 8
-
-
-@always_inline
-def k_splits[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, m: Int, room: Bool) -> Int:
-    """K splits of the one-launch op's wide tiles: as many as the SMs take beside the tiles and stage 1 (at most
-    MAX_SPLITS, at least 4 of Q's K steps each) where their partial sums fit in xp (`partials_at`); 1 without
-    `tiles_x`."""
+def k_splits[bq: Int, bl: Int, dtype: DType](s: Int, m: Int, n: Int, k: Int, room: Bool, split_room: Int) -> Int:
+    """K splits of the one-launch op's wide tiles (of `tile_nt` tokens): as many as fill the SMs (at most
+    MAX_SPLITS, at least 4 of Q's K steps each) where their float32 partial sums (splits, s, m) fit in the split
+    scratch of split_room values and the tile counters in xp (`counters_at`); 1 without `tiles_x`."""
     if not tiles_x[bq, bl, dtype](s, n, k, room):
         return 1
-    var room_values = XP_PARTS * s * n - partials_at[bq, bl](s, n, k, m)
-    var free = SMS - (project_blocks(s, k) if k > 0 else 0)
-    var most = min(MAX_SPLITS, free // apply_blocks(s, m), ceildiv(n, step_cols[bq]()) // 4)
-    return max(1, min(most, room_values // (2 * s * m)))  # a split's partials: 2·s·m values
+    if counters_at[bq, bl](s, n, k) + (passes(s) + apply_blocks(s, m)) * 4 > XP_PARTS * s * n:
+        return 1  # (`launch_fused` zeroes a counter per tile of NT_WIDE tokens)
+    var tiles = ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * tile_nt[bq, bl, dtype](s, n, k, room))
+    var most = min(MAX_SPLITS, SMS // tiles, ceildiv(n, step_cols[bq]()) // 4)
+    return max(1, min(most, split_room // (s * m)))
 
 
 @always_inline
-def tile_nt[bq: Int, bl: Int, dtype: DType](s: Int, m: Int, n: Int, k: Int, room: Bool) -> Int:
+def tile_nt[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, room: Bool) -> Int:
     """Token groups of 8 in a tile of the one-launch op: 2·NT_WIDE (128 tokens, wgmma m64n128k16: each dequantized
-    K step serves twice the tokens) where Q's and L's K loops both take the staged-tile ring (`tiles_x`, t from xp)
-    and such tiles are at least as many as the SMs (so no K split is missed), else NT_WIDE."""
-    comptime wide = 2 * NT_WIDE
-    var tiles = ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * wide)
-    if tiles_x[bq, bl, dtype](s, n, k, room) and uses_wgmma[bl, dtype]() and tiles >= SMS:
-        return wide
+    K step serves twice the tokens) where there are more than NT_WIDE groups and Q's and L's K loops both take the
+    staged-tile ring (`tiles_x`, t from xp); where such tiles are fewer than the SMs, K splits make up the count
+    (`k_splits`). Else NT_WIDE."""
+    if s > 8 * NT_WIDE and tiles_x[bq, bl, dtype](s, n, k, room) and uses_wgmma[bl, dtype]():
+        return 2 * NT_WIDE
     return NT_WIDE
 
 
@@ -374,8 +370,8 @@ def apply_block[
             y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
     else:
         wide_block[bq, gq, bl, gl, False, False, False, NT_WIDE](
-            bid, 0, 1, red, xs, y, x, stack_allocation[1, Scalar[dtype]](), t_parts, q_codes, q_scales, l_data,
-            l_scales, bias, s, m, n, k, has_bias, sync, 0,
+            bid, 0, 1, red, xs, y, x, stack_allocation[1, Scalar[dtype]](), t_parts, stack_allocation[1, Float32](),
+            q_codes, q_scales, l_data, l_scales, bias, s, m, n, k, has_bias, sync, 0,
         )
 
 
@@ -392,6 +388,7 @@ def wide_block[
     x: Pointer[Scalar[dtype], _],
     xp: Pointer[mut=True, Scalar[dtype], _],
     t_parts: Pointer[Float32, _],
+    partials: Pointer[mut=True, Float32, _],
     q_codes: Pointer[UInt8, _],
     q_scales: Pointer[Float16, _],
     l_data: Pointer[UInt8, _],
@@ -408,10 +405,10 @@ def wide_block[
     """Wide launch: tile `tile` (128 rows × 8·nt tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
     steps cut into `splits` ranges, L's loop in the last one. With `use_xp` (`tiles_x`) Q's activations, and t where
     L takes wgmma, come in staged-tile order from xp; with splits > 1 (`k_splits`, one launch only) each split leaves
-    its float32 partial sums in xp (`partials_at`) and the last of the tile's splits to finish adds them up in split
+    its float32 partial sums (splits, s, m) in `partials` and the last of the tile's splits to finish adds them up in split
     order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the tile's pass
     counter (where L takes wgmma: `launch_fused`), else sync[0], reaches wait_count."""
-    comptime assert nt == NT_WIDE or (use_xp and fused and not split), "wider tiles only in the ring (`tile_nt`)"
+    comptime assert nt == NT_WIDE or (use_xp and fused), "wider tiles only in the ring (`tile_nt`)"
     var w, lane = Int(warp_id()), Int(lane_id())
     var tile_passes = ceildiv(s, 8 * nt)
     var rt, tok0 = (tile // tile_passes) * WARPS + w, (tile % tile_passes) * 8 * nt
@@ -446,7 +443,6 @@ def wide_block[
     comptime if split:  # (only with tiles: `k_splits`)
         if splits > 1:
             wait_on_dependent_grids()  # the counters are zeroed by the permute launch (an empty range never waited)
-            var partials = xp.unsafe_offset(partials_at[bq, bl](s, n, k, m)).unsafe_bitcast[Float32]()
             comptime for e in range(4 * nt):
                 var row, token = wide_coords(lane, e, 16 * rt, tok0)
                 if row < m and token < s:
@@ -614,6 +610,7 @@ def launch_fused[
     y: Pointer[mut=True, Scalar[dtype], _],
     t_parts: Pointer[mut=True, Float32, _],
     xp: Pointer[mut=True, Scalar[dtype], _],
+    partials: Pointer[mut=True, Float32, _],
     x: Pointer[Scalar[dtype], _],
     q_codes: Pointer[UInt8, _],
     q_scales: Pointer[Float16, _],
@@ -629,6 +626,7 @@ def launch_fused[
     k: Int,
     has_bias: Bool,
     xp_room: Bool,
+    split_room: Int,
     ctx: DeviceContext,
 ) raises:
     """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b). At decode: stage 1 (with a low-rank part), then stage 2 launched
@@ -658,8 +656,8 @@ def launch_fused[
         )
         return
     var n_project = project_blocks(s, k) if k > 0 else 0
-    var nt = tile_nt[bq, bl, dtype](s, m, n, k, xp_room)
-    var splits = k_splits[bq, bl, dtype](s, n, k, m, xp_room) if nt == NT_WIDE else 1
+    var nt = tile_nt[bq, bl, dtype](s, n, k, xp_room)
+    var splits = k_splits[bq, bl, dtype](s, m, n, k, xp_room, split_room)
     var total = n_project + ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt) * splits
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
@@ -692,8 +690,8 @@ def launch_fused[
             # blocks arrived twice
             var a = bid - np
             wide_block[bq, gq, bl, gl, True, use_xp, split, nt](
-                a // splits, a % splits, splits, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales,
-                bias, s, m, n, k, has_bias_ != 0, sync, 2 * group if t_tiles else np,
+                a // splits, a % splits, splits, red, xs, y, x, xp, t_parts, partials, q_codes, q_scales, l_data,
+                l_scales, bias, s, m, n, k, has_bias_ != 0, sync, 2 * group if t_tiles else np,
             )
         if thread_idx.x == 0:
             var done = sync.unsafe_offset(1)
@@ -707,26 +705,27 @@ def launch_fused[
     if tiles_x[bq, bl, dtype](s, n, k, xp_room):
         var zeros = passes(s) + (apply_blocks(s, m) if splits > 1 else 0)  # pass counters, tile counters
         launch_permute[bq](xp, x, s, n, counters_at[bq, bl](s, n, k), zeros, ctx)
-        comptime if uses_wgmma[bq, dtype]() and uses_wgmma[bl, dtype]():  # (else nt is NT_WIDE: `tile_nt`)
-            if nt != NT_WIDE:
-                ctx.enqueue_function[kernel[True, False, 2 * NT_WIDE]](
+
+        @__parameter
+        def launch_tiles[nt: Int]() raises:
+            if splits > 1:
+                ctx.enqueue_function[kernel[True, True, nt]](
+                    Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits),
+                    grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+                    attributes=pdl_launch_attributes(PDLLevel(1)),
+                )
+            else:
+                ctx.enqueue_function[kernel[True, False, nt]](
                     Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
                     grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
                     attributes=pdl_launch_attributes(PDLLevel(1)),
                 )
+
+        comptime if uses_wgmma[bq, dtype]() and uses_wgmma[bl, dtype]():  # (else nt is NT_WIDE: `tile_nt`)
+            if nt != NT_WIDE:
+                launch_tiles[2 * NT_WIDE]()
                 return
-        if splits > 1:
-            ctx.enqueue_function[kernel[True, True, NT_WIDE]](
-                Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(splits),
-                grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
-                attributes=pdl_launch_attributes(PDLLevel(1)),
-            )
-        else:
-            ctx.enqueue_function[kernel[True, False, NT_WIDE]](
-                Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1),
-                grid_dim=total, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
-                attributes=pdl_launch_attributes(PDLLevel(1)),
-            )
+        launch_tiles[NT_WIDE]()
         return
     ctx.enqueue_function[kernel[False, False, NT_WIDE]](
         Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1), grid_dim=total,

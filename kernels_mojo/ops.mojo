@@ -33,7 +33,8 @@ def _check_parts[target: StaticString](parts: Int) raises:
 @extensibility.register("caldera_qlr_fused")
 struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
     """`sync` (int64 (2,), zeros when created, then owned by the caller) orders the GPU launch's two phases;
-    `t` (P, s, k) float32 is scratch for x·Rᵀ and `xp` for the prepared activations (outputs the graph discards)."""
+    `t` (P, s, k) float32 is scratch for x·Rᵀ, `xp` for the prepared activations and `partials` (float32, gpu.SPLIT_VALUES
+    on the GPU, else 0) for split K's partial sums (outputs the graph discards)."""
 
     @staticmethod
     def execute[
@@ -42,6 +43,7 @@ struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
         y: OutputTensor[rank=2, ...],
         t: OutputTensor[dtype=DType.float32, rank=3, ...],
         xp: OutputTensor[dtype=y.dtype, rank=3, ...],
+        partials: OutputTensor[dtype=DType.float32, rank=1, ...],
         x: InputTensor[dtype=y.dtype, rank=2, ...],
         q_codes: InputTensor[dtype=DType.uint8, rank=2, ...],
         q_scales: InputTensor[dtype=DType.float16, rank=2, ...],
@@ -68,9 +70,10 @@ struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
             )
         else:
             launch_fused[Self.bq, Self.gq, Self.bl, Self.gl, Self.br, Self.gr](
-                y.unsafe_ptr(), t.unsafe_ptr(), xp.unsafe_ptr(), x.unsafe_ptr(), q_codes.unsafe_ptr(), q_scales.unsafe_ptr(),
-                l_data.unsafe_ptr(), l_scales.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), bias.unsafe_ptr(),
-                sync.unsafe_ptr(), s, m, n, k, has_bias, xp.dim_size(0) == XP_PARTS, ctx,
+                y.unsafe_ptr(), t.unsafe_ptr(), xp.unsafe_ptr(), partials.unsafe_ptr(), x.unsafe_ptr(),
+                q_codes.unsafe_ptr(), q_scales.unsafe_ptr(), l_data.unsafe_ptr(), l_scales.unsafe_ptr(),
+                r_data.unsafe_ptr(), r_scales.unsafe_ptr(), bias.unsafe_ptr(), sync.unsafe_ptr(), s, m, n, k, has_bias,
+                xp.dim_size(0) == XP_PARTS, partials.dim_size(0), ctx,
             )
 
 
