@@ -213,7 +213,7 @@ def k_splits[bq: Int, bl: Int, dtype: DType](s: Int, m: Int, n: Int, k: Int, roo
     if counters_at[bq, bl](s, n, k) + (passes(s) + apply_blocks(s, m)) * 4 > XP_PARTS * s * n:
         return 1  # (`launch_fused` zeroes a counter per tile of NT_WIDE tokens)
     var tiles = ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * tile_nt[bq, bl, dtype](s, n, k, room))
-    var most = min(MAX_SPLITS, SMS // tiles, ceildiv(n, step_cols[bq]()) // 4)
+    var most = min(MAX_SPLITS, ceildiv(SMS + project_blocks(s, k), tiles), ceildiv(n, step_cols[bq]()) // 4)
     return max(1, min(most, split_room // (s * m)))
 
 
