@@ -64,7 +64,7 @@ comptime SMS = 132
 """Streaming multiprocessors of the H100 SXM the tile rules were measured on (`decode_tiles`, `k_splits`)."""
 comptime MAX_SPLITS = 8
 """Most K splits of a wide tile (`k_splits`)."""
-comptime SPLIT_VALUES = 1 << 21
+comptime SPLIT_VALUES = 3 << 20
 """Float32 values of the one-launch op's split-K scratch (`k_splits`): 2 splits of 128 tokens × 8192 rows. The graph
 gives the op a scratch output of this size on the GPU (max_graph.py's SPLIT_VALUES_GPU)."""
 
