@@ -9,8 +9,9 @@ metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_
 metrics+=,launch__registers_per_thread,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active
 metrics+=,launch__occupancy_limit_registers,smsp__inst_executed.sum
 metrics+=,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
-# wgmma (HGMMA) counts in its own pipe on Hopper; ask for it where this ncu knows it
-ncu --query-metrics 2>/dev/null | grep -q '^sm__pipe_tensor_op_gmma_cycles_active' \
+# wgmma (HGMMA) counts in its own pipe on Hopper; ask for it where this ncu knows it (grep reads the whole list:
+# with -q it stops at the match, ncu dies of SIGPIPE and pipefail fails the test at random)
+ncu --query-metrics 2>/dev/null | grep '^sm__pipe_tensor_op_gmma_cycles_active' > /dev/null \
   && metrics+=,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active
 metrics+=,smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum
 for stall in long_scoreboard short_scoreboard barrier mio_throttle math_pipe_throttle wait not_selected lg_throttle \

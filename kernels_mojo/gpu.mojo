@@ -109,11 +109,11 @@ def decode_tiles(m: Int) -> Int:
 
 
 @always_inline
-def apply_blocks(s: Int, m: Int) -> Int:
-    """Blocks of stage 2 (a 1-D grid)."""
+def apply_blocks(s: Int, m: Int, nt: Int = NT_WIDE) -> Int:
+    """Blocks of stage 2 (a 1-D grid); past SMALL_S its wide tiles of 8·nt tokens (`tile_nt`)."""
     if s <= SMALL_S:
         return ceildiv(m, 16 * decode_tiles(m))
-    return ceildiv(m, 16 * WARPS) * passes(s)
+    return ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt)
 
 
 @always_inline
@@ -247,7 +247,7 @@ def k_splits[
         return 1
     if counters_at[bq, bl](s, n, k) + (passes(s) + apply_blocks(s, m)) * 4 > XP_PARTS * s * n:
         return 1  # (`launch_fused` zeroes a counter per tile of NT_WIDE tokens)
-    var tiles = ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt)
+    var tiles = apply_blocks(s, m, nt)
     var stage1 = project_blocks(s, k) if k > 0 else 0
     var steps = ceildiv(n, step_cols[bq]())
     var most = min((SMS - stage1) // tiles, steps // 4)
@@ -265,8 +265,7 @@ def tile_nt[bq: Int, bl: Int, dtype: DType](s: Int, m: Int, n: Int, k: Int, room
     comptime wide = 2 * NT_WIDE
     if s <= 8 * NT_WIDE or not tiles_x[bq, bl, dtype](s, n, k, room) or not uses_wgmma[bl, dtype]():
         return NT_WIDE
-    var tiles = ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * wide)
-    if tiles >= SMS or k_splits[bq, bl, dtype](s, m, n, k, room, split_room, wide) > 1:
+    if apply_blocks(s, m, wide) >= SMS or k_splits[bq, bl, dtype](s, m, n, k, room, split_room, wide) > 1:
         return wide
     return NT_WIDE
 
@@ -646,19 +645,19 @@ def launch_apply[
         )
         return
     comptime if bq == 2:
-        if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room) and local_x_fits(s, n, k):
-            var local_smem = shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n)
-            ctx.enqueue_function[kernel[False, True, True, True]](
-                grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=local_smem,
-                func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(local_smem)),
-                attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
-            )
-            return
-        if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room):
-            ctx.enqueue_function[kernel[False, True, True]](
-                grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
-                attributes=pdl_launch_attributes(PDLLevel(after_stage1)),  # xp_fits: stage 1 ran (k > 0)
-            )
+        if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room):  # (stage 1 ran: k > 0)
+            if local_x_fits(s, n, k):
+                var local_smem = shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n)
+                ctx.enqueue_function[kernel[False, True, True, True]](
+                    grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=local_smem,
+                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(local_smem)),
+                    attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
+                )
+            else:
+                ctx.enqueue_function[kernel[False, True, True]](
+                    grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,
+                    attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
+                )
             return
     if all_ring[bq, gq, bl, gl](m, n, k):
         ctx.enqueue_function[kernel[False, True, False]](
@@ -726,7 +725,7 @@ def launch_fused[
     var n_project = project_blocks(s, k) if k > 0 else 0
     var nt = tile_nt[bq, bl, dtype](s, m, n, k, xp_room, split_room)
     var splits = k_splits[bq, bl, dtype](s, m, n, k, xp_room, split_room, nt)
-    var total = n_project + ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt) * splits
+    var total = n_project + apply_blocks(s, m, nt) * splits
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
     @__parameter

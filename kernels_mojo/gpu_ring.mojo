@@ -223,8 +223,8 @@ def ring_warp[
     reach shared memory by cp.async RING - 1 steps ahead of their use, so a warp keeps RING - 1 KB of codes in
     flight without holding registers. With `xp`, x is xp (`prepare_x`), or with `local_x` (and no `x_ring`) the
     block's own prepared slots from word local_at of xs on (`prepare_x_local`); `local_x` rings hold no activation
-    slots (`ring_words`), for B_T too. With `ahead`, the first steps' codes
-    are already on their way (`ring_prefetch`)."""
+    slots (`ring_words`), for B_T too. With `ahead`, the first steps' codes are already on their way
+    (`ring_prefetch`)."""
     var ring = warp_ring[not local_x](xs, s)
     var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[not local_x](s))  # t, for B_T (`sum_t`)
     comptime cpg = chunks_per_group[bits, group]()

@@ -10,6 +10,8 @@ FAKE_NCU = """#!/usr/bin/env bash
 if [ "$1" = "--query-metrics" ]; then
   [ -n "${FAKE_GMMA:-}" ] && echo "sm__pipe_tensor_op_gmma_cycles_active    Counter  cycle  # of cycles"
   echo "sm__pipe_tensor_op_hmma_cycles_active    Counter  cycle  # of cycles"
+  # the real list goes on for thousands of lines, past a pipe's buffer after the match
+  for i in $(seq 3000); do echo "smsp__filler_metric_$i    Counter  cycle  # of cycles"; done
   exit 0
 fi
 echo "$*" >> "$FAKE_ARGS"
@@ -24,11 +26,11 @@ def run_with_fake_ncu(tmp_path: Path, script: str, args: list[str], **env: str) 
     (bin_dir / "ncu").chmod(0o755)
     calls = tmp_path / f"calls-{len(list(tmp_path.glob('calls-*')))}.txt"
     calls.touch()
-    full_env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path)}
+    path = f"{bin_dir}:{os.environ['PATH']}"
     subprocess.run(
         ["bash", f"benchmarks/{script}", *args],
         cwd=ROOT,
-        env={**full_env, "FAKE_ARGS": str(calls)},
+        env={**os.environ, **env, "PATH": path, "OUT": str(tmp_path), "FAKE_ARGS": str(calls)},
         capture_output=True,
         text=True,
         timeout=120,

@@ -35,6 +35,10 @@ def test_pack_then_parity_trees(tmp_path):
     assert all("skipped" in line and "warm rc 2" in line for line in lines), result.stdout
     assert (clone / ".gpu" / "one" / "kernels_mojo").is_dir()
     assert "no CUDA device" in (out / "warm-one.err").read_text()
+    (out / "parity-one.log").unlink()
+    warm_only = run(["bash", "benchmarks/parity_trees.sh", "one"], clone, OUT=str(out), PARITY="0")
+    assert warm_only.stdout.startswith("one: no parity (PARITY=0) | warm rc 2"), warm_only.stdout
+    assert not (out / "parity-one.log").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, ab_trees.sh times the real benches")
