@@ -67,6 +67,14 @@ comptime LOCAL_X_BYTES = 112 * 1024
 blocks share an SM (228 KB on the H100)."""
 comptime MAX_SPLITS = 8
 """Most K splits of a wide tile (`k_splits`)."""
+comptime LONG_SPLIT_STEPS = 32
+"""Fewest of Q's K steps in each K split of a 128-token tile (`k_splits`). Measured on the H100 at seq 128: splits
+of 16 steps (8192 columns at 2 bits, 3 splits) lost to unsplit 64-token tiles (74.4 against 72.0 µs on 8192²),
+splits of 39 steps (29568 columns) won (191.7 against 210.0 on 8192×29568): a split's partial sums cost s·m float32
+written and read again."""
+comptime SPLIT_VALUES = 3 << 20
+"""Float32 values of the one-launch op's split-K scratch (`k_splits`): 3 splits of 128 tokens × 8192 rows. The graph
+gives the op a scratch output of this size on the GPU (max_graph.py's SPLIT_VALUES_GPU)."""
 
 
 @always_inline
@@ -227,32 +235,37 @@ def counters_at[bq: Int, bl: Int](s: Int, n: Int, k: Int) -> Int:
 
 
 @always_inline
-def partials_at[bq: Int, bl: Int](s: Int, n: Int, k: Int, m: Int) -> Int:
-    """Where in xp (in values; 16-byte aligned) the one-launch op's split-K float32 partial sums (splits, s, m)
-    follow the counters: one per token pass, then one per wide tile (`k_splits`)."""
-    return counters_at[bq, bl](s, n, k) + ceildiv((passes(s) + apply_blocks(s, m)) * 4, 8) * 8
-
-
-@always_inline
-def k_splits[bq: Int, bl: Int, dtype: DType](s: Int, n: Int, k: Int, m: Int, room: Bool) -> Int:
-    """K splits of the one-launch op's wide tiles: as many as the SMs take beside the tiles and stage 1 (at most
-    MAX_SPLITS, at least 4 of Q's K steps each) where their partial sums fit in xp (`partials_at`); 1 without
-    `tiles_x`."""
+def k_splits[
+    bq: Int, bl: Int, dtype: DType
+](s: Int, m: Int, n: Int, k: Int, room: Bool, split_room: Int, nt: Int) -> Int:
+    """K splits of the one-launch op's wide tiles of nt token groups, where their float32 partial sums (splits, s,
+    m) fit in the split scratch of split_room values and the tile counters in xp (`counters_at`), at most MAX_SPLITS:
+    with NT_WIDE, as many as the SMs take beside the tiles and stage 1 (at least 4 of Q's K steps each); with
+    2·NT_WIDE, where the tiles are fewer than the SMs, as many as fill them with the stage-1 blocks where each split
+    keeps LONG_SPLIT_STEPS of Q's K steps. 1 without `tiles_x`."""
     if not tiles_x[bq, bl, dtype](s, n, k, room):
         return 1
-    var room_values = XP_PARTS * s * n - partials_at[bq, bl](s, n, k, m)
-    var free = SMS - (project_blocks(s, k) if k > 0 else 0)
-    var most = min(MAX_SPLITS, free // apply_blocks(s, m), ceildiv(n, step_cols[bq]()) // 4)
-    return max(1, min(most, room_values // (2 * s * m)))  # a split's partials: 2·s·m values
+    if counters_at[bq, bl](s, n, k) + (passes(s) + apply_blocks(s, m)) * 4 > XP_PARTS * s * n:
+        return 1  # (`launch_fused` zeroes a counter per tile of NT_WIDE tokens)
+    var tiles = apply_blocks(s, m, nt)
+    var stage1 = project_blocks(s, k) if k > 0 else 0
+    var steps = ceildiv(n, step_cols[bq]())
+    var most = min((SMS - stage1) // tiles, steps // 4)
+    if nt != NT_WIDE:
+        most = min(ceildiv(SMS + stage1, tiles) if tiles < SMS else 1, steps // LONG_SPLIT_STEPS)
+    return max(1, min(MAX_SPLITS, most, split_room // (s * m)))
 
 
 @always_inline
-def tile_nt[bq: Int, bl: Int, dtype: DType](s: Int, m: Int, n: Int, k: Int, room: Bool) -> Int:
+def tile_nt[bq: Int, bl: Int, dtype: DType](s: Int, m: Int, n: Int, k: Int, room: Bool, split_room: Int) -> Int:
     """Token groups of 8 in a tile of the one-launch op: 2·NT_WIDE (128 tokens, wgmma m64n128k16: each dequantized
-    K step serves twice the tokens) where Q's and L's K loops both take the staged-tile ring (`tiles_x`, t from xp)
-    and such tiles are at least as many as the SMs (so no K split is missed), else NT_WIDE."""
+    K step serves twice the tokens) where there are more than NT_WIDE groups, Q's and L's K loops both take the
+    staged-tile ring (`tiles_x`, t from xp), and such tiles either fill the SMs or K is long enough to split them
+    (`k_splits`); else NT_WIDE."""
     comptime wide = 2 * NT_WIDE
-    if tiles_x[bq, bl, dtype](s, n, k, room) and uses_wgmma[bl, dtype]() and apply_blocks(s, m, wide) >= SMS:
+    if s <= 8 * NT_WIDE or not tiles_x[bq, bl, dtype](s, n, k, room) or not uses_wgmma[bl, dtype]():
+        return NT_WIDE
+    if apply_blocks(s, m, wide) >= SMS or k_splits[bq, bl, dtype](s, m, n, k, room, split_room, wide) > 1:
         return wide
     return NT_WIDE
 
@@ -409,8 +422,8 @@ def apply_block[
             y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
     else:
         wide_block[bq, gq, bl, gl, False, False, False, NT_WIDE](
-            bid, 0, 1, red, xs, y, x, stack_allocation[1, Scalar[dtype]](), t_parts, q_codes, q_scales, l_data,
-            l_scales, bias, s, m, n, k, has_bias, sync, 0,
+            bid, 0, 1, red, xs, y, x, stack_allocation[1, Scalar[dtype]](), t_parts, stack_allocation[1, Float32](),
+            q_codes, q_scales, l_data, l_scales, bias, s, m, n, k, has_bias, sync, 0,
         )
 
 
@@ -427,6 +440,7 @@ def wide_block[
     x: Pointer[Scalar[dtype], _],
     xp: Pointer[mut=True, Scalar[dtype], _],
     t_parts: Pointer[Float32, _],
+    partials: Pointer[mut=True, Float32, _],
     q_codes: Pointer[UInt8, _],
     q_scales: Pointer[Float16, _],
     l_data: Pointer[UInt8, _],
@@ -443,10 +457,10 @@ def wide_block[
     """Wide launch: tile `tile` (128 rows × 8·nt tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
     steps cut into `splits` ranges, L's loop in the last one. With `use_xp` (`tiles_x`) Q's activations, and t where
     L takes wgmma, come in staged-tile order from xp; with splits > 1 (`k_splits`, one launch only) each split leaves
-    its float32 partial sums in xp (`partials_at`) and the last of the tile's splits to finish adds them up in split
+    its float32 partial sums (splits, s, m) in `partials` and the last of the tile's splits to finish adds them up in split
     order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the tile's pass
     counter (where L takes wgmma: `launch_fused`), else sync[0], reaches wait_count."""
-    comptime assert nt == NT_WIDE or (use_xp and fused and not split), "wider tiles only in the ring (`tile_nt`)"
+    comptime assert nt == NT_WIDE or (use_xp and fused), "wider tiles only in the ring (`tile_nt`)"
     var w, lane = Int(warp_id()), Int(lane_id())
     var tile_passes = ceildiv(s, 8 * nt)
     var rt, tok0 = (tile // tile_passes) * WARPS + w, (tile % tile_passes) * 8 * nt
@@ -481,7 +495,6 @@ def wide_block[
     comptime if split:  # (only with tiles: `k_splits`)
         if splits > 1:
             wait_on_dependent_grids()  # the counters are zeroed by the permute launch (an empty range never waited)
-            var partials = xp.unsafe_offset(partials_at[bq, bl](s, n, k, m)).unsafe_bitcast[Float32]()
             comptime for e in range(4 * nt):
                 var row, token = wide_coords(lane, e, 16 * rt, tok0)
                 if row < m and token < s:
@@ -664,6 +677,7 @@ def launch_fused[
     y: Pointer[mut=True, Scalar[dtype], _],
     t_parts: Pointer[mut=True, Float32, _],
     xp: Pointer[mut=True, Scalar[dtype], _],
+    partials: Pointer[mut=True, Float32, _],
     x: Pointer[Scalar[dtype], _],
     q_codes: Pointer[UInt8, _],
     q_scales: Pointer[Float16, _],
@@ -679,6 +693,7 @@ def launch_fused[
     k: Int,
     has_bias: Bool,
     xp_room: Bool,
+    split_room: Int,
     ctx: DeviceContext,
 ) raises:
     """The fused op y = x·Qᵀ + (x·Rᵀ)·Lᵀ (+ b). At decode: stage 1 (with a low-rank part), then stage 2 launched
@@ -708,8 +723,8 @@ def launch_fused[
         )
         return
     var n_project = project_blocks(s, k) if k > 0 else 0
-    var nt = tile_nt[bq, bl, dtype](s, m, n, k, xp_room)
-    var splits = k_splits[bq, bl, dtype](s, n, k, m, xp_room) if nt == NT_WIDE else 1
+    var nt = tile_nt[bq, bl, dtype](s, m, n, k, xp_room, split_room)
+    var splits = k_splits[bq, bl, dtype](s, m, n, k, xp_room, split_room, nt)
     var total = n_project + apply_blocks(s, m, nt) * splits
 
     # sizes are kernel arguments: a captured device graph allows 16 captured values per kernel
@@ -742,8 +757,8 @@ def launch_fused[
             # blocks arrived twice
             var a = bid - np
             wide_block[bq, gq, bl, gl, True, use_xp, split, nt](
-                a // splits, a % splits, splits, red, xs, y, x, xp, t_parts, q_codes, q_scales, l_data, l_scales,
-                bias, s, m, n, k, has_bias_ != 0, sync, 2 * group if t_tiles else np,
+                a // splits, a % splits, splits, red, xs, y, x, xp, t_parts, partials, q_codes, q_scales, l_data,
+                l_scales, bias, s, m, n, k, has_bias_ != 0, sync, 2 * group if t_tiles else np,
             )
         if thread_idx.x == 0:
             var done = sync.unsafe_offset(1)
@@ -766,14 +781,18 @@ def launch_fused[
                 attributes=pdl_launch_attributes(PDLLevel(1)),
             )
 
+        @__parameter
+        def launch_width[nt: Int]() raises:
+            if splits > 1:
+                launch_tiles[nt, True]()
+            else:
+                launch_tiles[nt, False]()
+
         comptime if uses_wgmma[bq, dtype]() and uses_wgmma[bl, dtype]():  # (else nt is NT_WIDE: `tile_nt`)
-            if nt != NT_WIDE:  # (no splits: `k_splits`)
-                launch_tiles[2 * NT_WIDE, False]()
+            if nt != NT_WIDE:
+                launch_width[2 * NT_WIDE]()
                 return
-        if splits > 1:
-            launch_tiles[NT_WIDE, True]()
-        else:
-            launch_tiles[NT_WIDE, False]()
+        launch_width[NT_WIDE]()
         return
     ctx.enqueue_function[kernel[False, False, NT_WIDE]](
         Int64(s), Int64(m), Int64(n), Int64(k), Int64(has_bias), Int64(n_project), Int64(1), grid_dim=total,

@@ -6,7 +6,8 @@ parts); no zero points. Parameters: `bq`/`gq` Q's bits and group size, `bl`/`gl`
 (bits 16: fp16). The rank k is R's row count (0: L and R are empty); `bias` is float32 (m,), or (0,) for none.
 Shapes: x (s, n) and y (s, m) in the activations' dtype; t (P, s, k) float32 holds P partial sums of x·Rᵀ
 (P = 1 on the CPU, gpu.P_SPLIT on the GPU); xp (X, s, n) in x's dtype is scratch for the activations that the GPU's
-stage 1 prepares for stage 2 (X = gpu.XP_PARTS for 2-bit Q on the GPU, else 0: none).
+stage 1 prepares for stage 2 (X = gpu.XP_PARTS for 2-bit Q on the GPU, else 0: none); the fused op's partials
+(V,) float32 is scratch for split K (V = gpu.SPLIT_VALUES on the GPU, else 0).
 
     caldera_qlr_fused   y = x·dequant(Q)ᵀ + (x·dequant(R)ᵀ)·dequant(L)ᵀ + b in one op (one GPU launch)
     caldera_lr_project  t = x·dequant(R)ᵀ                                  (two-stage, stage 1)
@@ -33,7 +34,8 @@ def _check_parts[target: StaticString](parts: Int) raises:
 @extensibility.register("caldera_qlr_fused")
 struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
     """`sync` (int64 (2,), zeros when created, then owned by the caller) orders the GPU launch's two phases;
-    `t` (P, s, k) float32 is scratch for x·Rᵀ and `xp` for the prepared activations (outputs the graph discards)."""
+    `t` (P, s, k) float32 is scratch for x·Rᵀ, `xp` for the prepared activations and `partials` (float32,
+    gpu.SPLIT_VALUES values on the GPU, else none) for split K's partial sums (outputs the graph discards)."""
 
     @staticmethod
     def execute[
@@ -42,6 +44,7 @@ struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
         y: OutputTensor[rank=2, ...],
         t: OutputTensor[dtype=DType.float32, rank=3, ...],
         xp: OutputTensor[dtype=y.dtype, rank=3, ...],
+        partials: OutputTensor[dtype=DType.float32, rank=1, ...],
         x: InputTensor[dtype=y.dtype, rank=2, ...],
         q_codes: InputTensor[dtype=DType.uint8, rank=2, ...],
         q_scales: InputTensor[dtype=DType.float16, rank=2, ...],
@@ -68,9 +71,10 @@ struct QLRFused[bq: Int, gq: Int, bl: Int, gl: Int, br: Int, gr: Int]:
             )
         else:
             launch_fused[Self.bq, Self.gq, Self.bl, Self.gl, Self.br, Self.gr](
-                y.unsafe_ptr(), t.unsafe_ptr(), xp.unsafe_ptr(), x.unsafe_ptr(), q_codes.unsafe_ptr(), q_scales.unsafe_ptr(),
-                l_data.unsafe_ptr(), l_scales.unsafe_ptr(), r_data.unsafe_ptr(), r_scales.unsafe_ptr(), bias.unsafe_ptr(),
-                sync.unsafe_ptr(), s, m, n, k, has_bias, xp.dim_size(0) == XP_PARTS, ctx,
+                y.unsafe_ptr(), t.unsafe_ptr(), xp.unsafe_ptr(), partials.unsafe_ptr(), x.unsafe_ptr(),
+                q_codes.unsafe_ptr(), q_scales.unsafe_ptr(), l_data.unsafe_ptr(), l_scales.unsafe_ptr(),
+                r_data.unsafe_ptr(), r_scales.unsafe_ptr(), bias.unsafe_ptr(), sync.unsafe_ptr(), s, m, n, k, has_bias,
+                xp.dim_size(0) == XP_PARTS, partials.dim_size(0), ctx,
             )
 
 

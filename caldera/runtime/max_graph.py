@@ -40,6 +40,8 @@ T_PARTS_GPU = 8
 """Partial sums of t = x̃ Rᵀ on the GPU: kernels_mojo/gpu_tiles.mojo's P_SPLIT (the CPU writes one)."""
 XP_PARTS_GPU = 2
 """Rows of the prepared-activations scratch for 2-bit Q on the GPU: gpu_decode.mojo's XP_PARTS (else none)."""
+SPLIT_VALUES_GPU = 3 << 20
+"""Float32 values of the fused op's split-K scratch on the GPU (8 MB, whatever the tokens): gpu.mojo's SPLIT_VALUES."""
 
 DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
 
@@ -191,7 +193,9 @@ def linear_op(impl: Impl, spec: KernelSpec, ref: DeviceRef, x: TensorValue, inpu
     xp_type = TensorType(x.dtype, [xp_parts, x.shape[0], x.shape[1]], device=ref)  # stage 1's prepared x̃ (scratch)
     if impl == "fused":
         values, params = [x, qc, qs, ld, ls, rd, rs, bias, sync], spec.parameters("q", "l", "r")
-        return ops.inplace_custom("caldera_qlr_fused", ref, values, [y_type, t_type, xp_type], params)[0].tensor
+        split_type = TensorType(DType.float32, [0 if ref.is_cpu() else SPLIT_VALUES_GPU], device=ref)
+        out_types = [y_type, t_type, xp_type, split_type]
+        return ops.inplace_custom("caldera_qlr_fused", ref, values, out_types, params)[0].tensor
     t, xp = ops.custom("caldera_lr_project", ref, [x, rd, rs], [t_type, xp_type], spec.parameters("r"))
     values = [x, t, xp, qc, qs, ld, ls, bias]
     return ops.custom("caldera_qlr_apply", ref, values, [y_type], spec.parameters("q", "l"))[0].tensor

@@ -43,6 +43,9 @@ CASES = {
     # at 130 tokens 66 row blocks × 2 passes of 128 tokens are 132 tiles, as many as the SMs: 128-token tiles
     # (`tile_nt`, wgmma m64n128k16), the second pass with 2 tokens, the last row block with 80 rows
     "q2-tiles128-bf16": (8400, 512, {"rank": 32}, torch.bfloat16),
+    # at 130 tokens 2 row blocks × 2 passes of 128-token tiles with K long enough to split (65 steps, the last one
+    # partial: 2 splits of at least LONG_SPLIT_STEPS, `k_splits`); at 9 tokens 64-token tiles split 8 ways
+    "q2-tiles128-split-bf16": (200, 16448, {"rank": 16}, torch.bfloat16),
     # decode with 28160 columns: a block's own prepared x would pass LOCAL_X_BYTES (`local_x_fits`), so stage 1
     # prepares it in xp and stage 2 reads it through the ring (`prepares_x`: the path of 8192×29568)
     "q2-stage1-xp-bf16": (64, 28160, {"rank": 16}, torch.bfloat16),
