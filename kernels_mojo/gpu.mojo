@@ -250,8 +250,10 @@ def k_splits[
     var tiles = apply_blocks(s, m, nt)
     var stage1 = project_blocks(s, k) if k > 0 else 0
     var steps = ceildiv(n, step_cols[bq]())
-    var most = min((SMS - stage1) // tiles, steps // 4)
-    if nt != NT_WIDE:
+    var most: Int
+    if nt == NT_WIDE:
+        most = min((SMS - stage1) // tiles, steps // 4)
+    else:
         most = min(ceildiv(SMS + stage1, tiles) if tiles < SMS else 1, steps // LONG_SPLIT_STEPS)
     return max(1, min(MAX_SPLITS, most, split_room // (s * m)))
 
@@ -457,8 +459,8 @@ def wide_block[
     """Wide launch: tile `tile` (128 rows × 8·nt tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
     steps cut into `splits` ranges, L's loop in the last one. With `use_xp` (`tiles_x`) Q's activations, and t where
     L takes wgmma, come in staged-tile order from xp; with splits > 1 (`k_splits`, one launch only) each split leaves
-    its float32 partial sums (splits, s, m) in `partials` and the last of the tile's splits to finish adds them up in split
-    order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the tile's pass
+    its float32 partial sums (splits, s, m) in `partials` and the last of the tile's splits to finish adds them up in
+    split order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the tile's pass
     counter (where L takes wgmma: `launch_fused`), else sync[0], reaches wait_count."""
     comptime assert nt == NT_WIDE or (use_xp and fused), "wider tiles only in the ring (`tile_nt`)"
     var w, lane = Int(warp_id()), Int(lane_id())
