@@ -14,7 +14,8 @@ Launch shapes:
     s ≤ SMALL_S (decode)  block = one or two 16-row tiles (`decode_tiles`), each tile's 8 or 4 warps take every 8th
                           or 4th K step, each with a cp.async ring of its next steps' codes, scales and
                           (s ≤ RING_X_TOKENS) activations in shared memory; partial sums meet in shared memory.
-                          Stage 2 is launched dependent on stage 1 (programmatic dependent launch): its first codes
+                          Where stage 2 has many blocks (`warp_tiles`), four tiles, each warp two of them
+                          (sharing their activation loads), 4 warps on each pair. Stage 2 is launched dependent on stage 1 (programmatic dependent launch): its first codes
                           are requested while stage 1 still runs
     larger s              block = 8 row tiles (a warp each, 128 rows) × 64 tokens over all K steps: the block
                           stages each step's activation tile in shared memory already permuted into mma B
@@ -47,7 +48,7 @@ from max.gpu.host import DeviceContext, FuncAttribute
 
 from .gpu_tiles import B_T, B_X, NT_WIDE, P_SPLIT, SMALL_S, THREADS, WARPS, X_ROW, segment, step_cols, wide_coords
 from .gpu_ring import RING_X_TOKENS, ring_fits, ring_prefetch, ring_words, t_row, x_slot_words
-from .gpu_decode import XP_PARTS, decode_warp, prepare_x, prepare_x_local, reduce_warps, sum_t
+from .gpu_decode import XP_PARTS, decode_warp, decode_warp_tiles, prepare_x, prepare_x_local, reduce_warps, sum_t
 from .gpu_wide import (
     RING_SLOTS,
     X_WORDS,
@@ -78,12 +79,13 @@ gives the op a scratch output of this size on the GPU (max_graph.py's SPLIT_VALU
 
 
 @always_inline
-def shared_bytes(s: Int, k: Int, nt: Int = NT_WIDE, x_slots: Bool = True) -> Int:
+def shared_bytes(s: Int, k: Int, nt: Int = NT_WIDE, x_slots: Bool = True, wt: Int = 1) -> Int:
     """Dynamic shared memory of a launch: the wide tile and its natural copy, or the ring of tiles of 8·nt tokens
-    (`wg_ring_part`), or at decode the cross-warp sums, each warp's ring (with activation slots: `x_slots`) and t."""
+    (`wg_ring_part`), or at decode the cross-warp sums, each warp's ring (with activation slots: `x_slots`; else
+    one per row tile of the warp's `wt`: `ring_words`) and t."""
     if s > SMALL_S:
         return max(X_WORDS + 64 * X_ROW, RING_SLOTS * tile_words(nt)) * 4
-    var ring = ring_words[True](s) if x_slots else ring_words[False](s)
+    var ring = ring_words[True](s) if x_slots else wt * ring_words[False](s)
     return (WARPS * 128 + WARPS * ring + s * t_row(k)) * 4
 
 
@@ -109,10 +111,11 @@ def decode_tiles(m: Int) -> Int:
 
 
 @always_inline
-def apply_blocks(s: Int, m: Int, nt: Int = NT_WIDE) -> Int:
-    """Blocks of stage 2 (a 1-D grid); past SMALL_S its wide tiles of 8·nt tokens (`tile_nt`)."""
+def apply_blocks(s: Int, m: Int, nt: Int = NT_WIDE, wt: Int = 1) -> Int:
+    """Blocks of stage 2 (a 1-D grid): at decode `decode_tiles`·wt row tiles each (`warp_tiles`), past SMALL_S its wide
+    tiles of 8·nt tokens (`tile_nt`)."""
     if s <= SMALL_S:
-        return ceildiv(m, 16 * decode_tiles(m))
+        return ceildiv(m, 16 * decode_tiles(m) * wt)
     return ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt)
 
 
@@ -150,10 +153,10 @@ def project_block[
         decode_warp[br, gr, dtype, B_X, rings](
             acc, r_data, r_scales, k, 16 * rt, n, p * WARPS + w, WARPS * P_SPLIT, x, t_parts, s, xs, ahead
         )
-        var r = reduce_warps(acc, red)
+        var r = reduce_warps[1](acc, red)
         var row = 16 * rt + r[2]
         if r[0] and row < k and r[3] < s:
-            t_parts[unsafe_offset=(p * s + r[3]) * k + row] = r[1]
+            t_parts[unsafe_offset=(p * s + r[3]) * k + row] = r[1][0]
     else:  # pass-major: a token pass's blocks are consecutive (`pass_blocks`)
         var rest = bid // P_SPLIT
         var row_blocks = ceildiv(k, 16 * WARPS)
@@ -203,11 +206,28 @@ def local_x_words(s: Int, n: Int) -> Int:
 
 
 @always_inline
+def local_x_bytes(s: Int, n: Int, k: Int, wt: Int = 1) -> Int:
+    """Shared memory of a decode stage-2 block that prepares its own activations, its warps holding `wt` row tiles."""
+    return shared_bytes(s, k, x_slots=False, wt=wt) + 4 * local_x_words(s, n)
+
+
+@always_inline
 def local_x_fits(s: Int, n: Int, k: Int) -> Bool:
     """Whether each stage-2 block prepares its own activations in shared memory (`prepare_x_local`) where the
     prepared ones are read, instead of waiting for stage 1's xp: with them a block stays within LOCAL_X_BYTES. Q's
     loop then runs while stage 1 does."""
-    return shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n) <= LOCAL_X_BYTES
+    return local_x_bytes(s, n, k) <= LOCAL_X_BYTES
+
+
+@always_inline
+def warp_tiles(s: Int, m: Int, n: Int, k: Int) -> Int:
+    """Row tiles per warp of a decode stage-2 block that prepares its own activations: two where the blocks of 64 rows
+    (two pairs of tiles, 4 warps each) are at least two an SM, m is whole blocks and both tiles' rings still fit
+    LOCAL_X_BYTES (n = 8192 at one token), so that every activation load and the loop's bookkeeping serve twice the
+    mmas; else one. H100, seq 1: 29568×8192 49.5-51.3 µs against 51.7-54.2; at 8192 rows (128 such blocks, one an
+    SM) 27.0 against 19.0-19.2, and a pair on all 8 warps of a 32-row block 22.7-23.4 (runbook step 03)."""
+    var fits = m % 64 == 0 and local_x_bytes(s, n, k, 2) <= LOCAL_X_BYTES
+    return 2 if m >= 2 * 64 * SMS and fits else 1
 
 
 @always_inline
@@ -350,6 +370,7 @@ def apply_block[
     rings: Bool,
     use_xp: Bool,
     local_x: Bool = False,
+    wt: Int = 1,
 ](
     bid: Int,
     red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
@@ -377,14 +398,15 @@ def apply_block[
     launch `use_xp` where `tiles_x` says so (Q's K loop from xp in staged-tile order, written by the previous launch,
     and L's from t in that order where L takes wgmma). At decode, launched dependent on stage 1 (programmatic dependent
     launch): Q's first codes are requested while stage 1 runs; xp, t and y wait for its end. (Waiting for xp alone,
-    counted per stage-1 block, measured slower: 26.8-28.0 µs against 22.9-24.3 on 8192², H100.)"""
+    counted per stage-1 block, measured slower: 26.8-28.0 µs against 22.9-24.3 on 8192², H100.) `wt` = 2 (`local_x`,
+    `warp_tiles`): the block holds twice `decode_tiles` tiles, each warp two of them (4 warps on each pair)."""
     var w, lane = Int(warp_id()), Int(lane_id())
-    comptime if not wide:  # `decode_tiles` 16-row tiles per block, each with WARPS / tiles warps taking every
-        # (WARPS / tiles)-th K step of Q, then of L (a tile past m, in the last block, is skipped)
-        var tiles = decode_tiles(m)
-        var per = WARPS // tiles
-        var row0, ws = 16 * (bid * tiles + w // per), w % per
-        var acc = SIMD[DType.float32, 4](0)
+    comptime if not wide:  # `decode_tiles` 16-row tiles per block, each group of wt tiles with WARPS·wt / tiles
+        # warps taking every (WARPS·wt / tiles)-th K step of Q, then of L (a tile past m, in the last block, is skipped)
+        var tiles = decode_tiles(m) * wt  # wt = 2: two pairs of tiles, 4 warps on each
+        var per = WARPS * wt // tiles
+        var row0, ws = 16 * (bid * tiles + wt * (w // per)), w % per
+        var acc = SIMD[DType.float32, 4 * wt](0)
         if k > 0:  # the block's rows of L (and their scales) on their way to L2 while Q is read
             var r0, r1 = 16 * tiles * bid, min(16 * tiles * (bid + 1), m)
             var lrb = ceildiv(k * bl, 8)
@@ -394,34 +416,38 @@ def apply_block[
                 prefetch_span(l_scales.unsafe_bitcast[UInt8](), r0 * lsb, r1 * lsb)
         comptime if use_xp:
             if row0 < m:
-                ring_prefetch[bq, gq, x_slots = not local_x](q_codes, q_scales, xp, row0, n, ws, per, s, xs)
-            var local_at = shared_bytes(s, k, x_slots=False) // 4  # (`local_x`: after the rings and t)
+                ring_prefetch[bq, gq, x_slots = not local_x, wt=wt](q_codes, q_scales, xp, row0, n, ws, per, s, xs)
+            var local_at = shared_bytes(s, k, x_slots=False, wt=wt) // 4  # (`local_x`: after the rings and t)
             comptime if local_x:  # x itself is complete before stage 1 starts
                 prepare_x_local(x, xs.unsafe_offset(local_at), s, n)
             else:
                 wait_on_dependent_grids()
             if row0 < m:
-                decode_warp[bq, gq, dtype, B_X, True, True, local_x](
+                decode_warp_tiles[bq, gq, dtype, B_X, True, True, local_x, wt](
                     acc, q_codes, q_scales, m, row0, n, ws, per, xp, t_parts, s, xs, ahead=True, local_at=local_at
                 )
             comptime if bl < 16:  # L's first codes on their way while stage 1 ends (they do not depend on it)
                 if k > 0 and row0 < m:
-                    ring_prefetch[bl, gl, x_slots = not local_x](l_data, l_scales, xp, row0, k, ws, per, s, xs)
+                    ring_prefetch[bl, gl, x_slots = not local_x, wt=wt](l_data, l_scales, xp, row0, k, ws, per, s, xs)
         else:
             if row0 < m or not rings:
-                decode_warp[bq, gq, dtype, B_X, rings](acc, q_codes, q_scales, m, row0, n, ws, per, x, t_parts, s, xs)
+                decode_warp_tiles[bq, gq, dtype, B_X, rings, False, False, wt](
+                    acc, q_codes, q_scales, m, row0, n, ws, per, x, t_parts, s, xs
+                )
         wait_on_dependent_grids()  # t, and y's memory, belong to stage 1 until it ends
         if k > 0:
-            sum_t[dtype, not local_x](t_parts, s, k, xs)
+            sum_t[dtype, not local_x, wt](t_parts, s, k, xs)
             if row0 < m or not rings:
-                decode_warp[bl, gl, dtype, B_T, rings, False, local_x](
+                decode_warp_tiles[bl, gl, dtype, B_T, rings, False, local_x, wt](
                     acc, l_data, l_scales, m, row0, k, ws, per, x, t_parts, s, xs, ahead=use_xp and bl < 16
                 )
-        var r = reduce_warps(acc, red, tiles)
-        var row = 16 * tiles * bid + r[2]
-        if r[0] and row < m and r[3] < s:
-            var b = bias[unsafe_offset=row] if has_bias else Float32(0)
-            y[unsafe_offset=r[3] * m + row] = (r[1] + b).cast[dtype]()
+        var r = reduce_warps[wt](acc, red, tiles)
+        if r[0] and r[3] < s:
+            comptime for u in range(wt):
+                var row = 16 * tiles * bid + r[2] + 16 * u
+                if row < m:
+                    var b = bias[unsafe_offset=row] if has_bias else Float32(0)
+                    y[unsafe_offset=r[3] * m + row] = (r[1][u] + b).cast[dtype]()
     else:
         wide_block[bq, gq, bl, gl, False, False, False, NT_WIDE](
             bid, 0, 1, red, xs, y, x, stack_allocation[1, Scalar[dtype]](), t_parts, stack_allocation[1, Float32](),
@@ -628,9 +654,9 @@ def launch_apply[
     comptime assert dtype == DType.bfloat16 or dtype == DType.float16, "GPU activations are bf16 or fp16"
 
     @__parameter
-    def kernel[wide: Bool, rings: Bool, use_xp: Bool, local_x: Bool = False]():
+    def kernel[wide: Bool, rings: Bool, use_xp: Bool, local_x: Bool = False, wt: Int = 1]():
         var xs = external_memory[UInt32, address_space=AddressSpace.SHARED, alignment=16]()
-        apply_block[bq, gq, bl, gl, wide, False, rings, use_xp, local_x](
+        apply_block[bq, gq, bl, gl, wide, False, rings, use_xp, local_x, wt](
             Int(block_idx.x), xs.unsafe_bitcast[Float32](), xs, y, x, xp, t_parts, q_codes, q_scales, l_data,
             l_scales, bias, s, m, n, k, has_bias, stack_allocation[1, Int64](), 0,  # no stage-1 blocks to wait for
         )
@@ -649,12 +675,21 @@ def launch_apply[
     comptime if bq == 2:
         if xp_fits[bq, gq, bl, gl](s, m, n, k, xp_room):  # (stage 1 ran: k > 0)
             if local_x_fits(s, n, k):
-                var local_smem = shared_bytes(s, k, x_slots=False) + 4 * local_x_words(s, n)
-                ctx.enqueue_function[kernel[False, True, True, True]](
-                    grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=local_smem,
-                    func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(local_smem)),
-                    attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
-                )
+                var wt = warp_tiles(s, m, n, k)
+                var local_smem = local_x_bytes(s, n, k, wt)
+
+                @__parameter
+                def launch_local[wt: Int]() raises:
+                    ctx.enqueue_function[kernel[False, True, True, True, wt]](
+                        grid_dim=apply_blocks(s, m, wt=wt), block_dim=THREADS, shared_mem_bytes=local_smem,
+                        func_attribute=FuncAttribute.MAX_DYNAMIC_SHARED_SIZE_BYTES(UInt32(local_smem)),
+                        attributes=pdl_launch_attributes(PDLLevel(after_stage1)),
+                    )
+
+                if wt == 2:
+                    launch_local[2]()
+                else:
+                    launch_local[1]()
             else:
                 ctx.enqueue_function[kernel[False, True, True]](
                     grid_dim=blocks, block_dim=THREADS, shared_mem_bytes=smem, func_attribute=attr,

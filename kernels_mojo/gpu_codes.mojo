@@ -118,11 +118,11 @@ def decode_codes_edge[
 
 @always_inline
 def decode_step[
-    bits: Int, dtype: DType, b_shared: Bool, xp: Bool = False
+    bits: Int, dtype: DType, b_shared: Bool, xp: Bool = False, wt: Int = 1
 ](
-    mut acc: SIMD[DType.float32, 4],
-    words: SIMD[DType.uint32, 8],
-    sc: SIMD[DType.float32, 8],
+    mut acc: SIMD[DType.float32, 4 * wt],
+    words: SIMD[DType.uint32, 8 * wt],
+    sc: SIMD[DType.float32, 8 * wt],
     ncols: Int,
     step: Int,
     x: Pointer[Scalar[dtype], _],
@@ -139,6 +139,8 @@ def decode_step[
     t); otherwise x in global memory. With `xp` (2-bit, the ring's activations prepared by `prepare_x`): the words
     are B fragments already, A comes from `code_pair`, and the SX_WORDS after the s token rows hold each chunk's
     −sx as a C fragment that its mmas start from, so acc += scale·(−sx + Σ A·B) without the all-ones mma.
+    `wt` row tiles: tile u's words and scales at [8u, 8u + 8), its sums at acc[4u : 4u + 4]; each chunk's activations
+    are loaded once for all of them.
     """
     comptime chunk = chunk_cols[bits]()  # 64 or 32 columns, inside one group
     comptime mmas = chunk // 16  # per chunk: 4 or 2 (two per 16/bits columns of a word)
@@ -172,26 +174,31 @@ def decode_step[
                 comptime if chunk == 64:
                     n1 = load_x8[dtype](x, token, col + 8, s, ncols, ncols % 8 == 0)
         var nat = n0.join(n1)
-        var wa, wb = words[j], words[4 + j]
-        var tmp = SIMD[DType.float32, 4](0)
+        var sx = SIMD[DType.float32, 4](0)
         comptime if xp:  # the chunk's −sx as the C fragment the mmas start from
-            tmp = bitcast[DType.float32, 4](xw.unsafe_load[width=4, alignment=16](s * xrow + 4 * j))
+            sx = bitcast[DType.float32, 4](xw.unsafe_load[width=4, alignment=16](s * xrow + 4 * j))
         var tx = SIMD[DType.float32, 4](0)
-        comptime for h in range(mmas):
+        comptime for u in range(wt):
+            var wa, wb = words[8 * u + j], words[8 * u + 4 + j]
+            var tmp = sx
+            comptime for h in range(mmas):
+                comptime if xp:
+                    var a = (code_pair[dtype, 2 * h](wa, magic).join(code_pair[dtype, 2 * h](wb, magic))).join(
+                        code_pair[dtype, 2 * h + 1](wa, magic).join(code_pair[dtype, 2 * h + 1](wb, magic))
+                    )
+                    mma(tmp, a, bitcast[dtype, 4](nat.slice[2, offset = 2 * h]()), tmp)
+                else:
+                    var a = (raw_pair[bits, dtype](wa, 2 * h).join(raw_pair[bits, dtype](wb, 2 * h))).join(
+                        raw_pair[bits, dtype](wa, 2 * h + 1).join(raw_pair[bits, dtype](wb, 2 * h + 1))
+                    )
+                    var b = bitcast[dtype, 4](b_words[bits](nat, h))
+                    mma(tmp, a, b, tmp)
+                    comptime if u == 0:  # Σx: the same for every tile
+                        mma(tx, ones, b, tx)
+            var scale = SIMD[DType.float32, 4](sc[8 * u + j], sc[8 * u + j], sc[8 * u + 4 + j], sc[8 * u + 4 + j])
+            var part = acc.slice[4, offset = 4 * u]()
             comptime if xp:
-                var a = (code_pair[dtype, 2 * h](wa, magic).join(code_pair[dtype, 2 * h](wb, magic))).join(
-                    code_pair[dtype, 2 * h + 1](wa, magic).join(code_pair[dtype, 2 * h + 1](wb, magic))
-                )
-                mma(tmp, a, bitcast[dtype, 4](nat.slice[2, offset = 2 * h]()), tmp)
+                part += scale * tmp
             else:
-                var a = (raw_pair[bits, dtype](wa, 2 * h).join(raw_pair[bits, dtype](wb, 2 * h))).join(
-                    raw_pair[bits, dtype](wa, 2 * h + 1).join(raw_pair[bits, dtype](wb, 2 * h + 1))
-                )
-                var b = bitcast[dtype, 4](b_words[bits](nat, h))
-                mma(tmp, a, b, tmp)
-                mma(tx, ones, b, tx)
-        var scale = SIMD[DType.float32, 4](sc[j], sc[j], sc[4 + j], sc[4 + j])
-        comptime if xp:
-            acc += scale * tmp
-        else:
-            acc += scale * (tmp - (base + offset) * tx)
+                part += scale * (tmp - (base + offset) * tx)
+            acc = acc.insert[offset = 4 * u](part)

@@ -68,7 +68,7 @@ def decode_warp[
             mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], c[3], col0, x, t_parts, s, ncols, 0, xs)
     else:
         comptime if xp and b_src == B_X:
-            ring_warp[bits, group, dtype, b_src, not local_x, True, local_x](
+            ring_warp[bits, group, dtype, b_src, not local_x, True, local_x, 1](
                 acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead, local_at
             )
             return
@@ -78,39 +78,93 @@ def decode_warp[
                     var c = decode_codes[bits, group](data, scales, ra, nrows, ncols, step)
                     comptime if b_src == B_T:
                         var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
-                        decode_step[bits, dtype, True](acc, c[0], c[1], ncols, step, x, s, tw, t_row(ncols))
+                        decode_step[bits, dtype, True, wt=1](acc, c[0], c[1], ncols, step, x, s, tw, t_row(ncols))
                     else:
-                        decode_step[bits, dtype, False](acc, c[0], c[1], ncols, step, x, s, xs, 0)
+                        decode_step[bits, dtype, False, wt=1](acc, c[0], c[1], ncols, step, x, s, xs, 0)
                 return
         comptime if b_src == B_X:
             if ring_x_tokens(s) > 0:
-                ring_warp[bits, group, dtype, b_src, True, False](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
+                ring_warp[bits, group, dtype, b_src, True, False, wt=1](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
                 return
-        ring_warp[bits, group, dtype, b_src, False, False, local_x](
+        ring_warp[bits, group, dtype, b_src, False, False, local_x, 1](
             acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead
         )
 
 
 @always_inline
-def reduce_warps(
-    acc: SIMD[DType.float32, 4], red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED], tiles: Int = 1
-) -> Tuple[Bool, Float32, Int, Int]:
-    """Decode: `tiles` 16×8 C fragments, each summed over its WARPS / tiles consecutive warps; (holder, value, row in
-    the block's 16·tiles rows, token) for threads < 128·tiles."""
-    var per = WARPS // tiles
+def decode_warp_tiles[
+    bits: Int,
+    group: Int,
+    dtype: DType,
+    b_src: Int,
+    all_ring: Bool,
+    xp: Bool,
+    local_x: Bool,
+    wt: Int,
+](
+    mut acc: SIMD[DType.float32, 4 * wt],
+    data: Pointer[UInt8, _],
+    scales: Pointer[Float16, _],
+    nrows: Int,
+    row0: Int,
+    ncols: Int,
+    step0: Int,
+    stride: Int,
+    x: Pointer[Scalar[dtype], _],
+    t_parts: Pointer[Float32, _],
+    s: Int,
+    xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
+    ahead: Bool = False,
+    local_at: Int = 0,
+):
+    """`decode_warp` for the wt row tiles at row0 + 16u, acc[4u : 4u + 4] tile u's. wt = 2 (`all_ring` and `local_x`):
+    2- and 4-bit codes in one K loop over both tiles (`ring_warp`), so that each activation load and the loop's
+    bookkeeping serve both; fp16 codes one tile after the other."""
+    comptime if wt > 1 and bits < 16:
+        comptime assert all_ring and local_x, "a warp holds two row tiles only in the local-x kernel"
+        ring_warp[bits, group, dtype, b_src, False, xp and b_src == B_X, True, wt](
+            acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead, local_at
+        )
+        return
+    comptime for u in range(wt):
+        var part = acc.slice[4, offset = 4 * u]()
+        decode_warp[bits, group, dtype, b_src, all_ring, xp, local_x](
+            part, data, scales, nrows, row0 + 16 * u, ncols, step0, stride, x, t_parts, s, xs, ahead and u == 0,
+            local_at,
+        )
+        acc = acc.insert[offset = 4 * u](part)
+
+
+@always_inline
+def reduce_warps[
+    wt: Int = 1
+](
+    acc: SIMD[DType.float32, 4 * wt],
+    red: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
+    tiles: Int = 1,
+) -> Tuple[Bool, SIMD[DType.float32, wt], Int, Int]:
+    """Decode: the block's `tiles` 16×8 C fragments, each summed over the WARPS·wt / tiles consecutive warps that
+    hold it (acc[4u : 4u + 4] a warp's tile u of wt), one round per u; (holder, the value of each of its wt tiles,
+    row of the first in the block's 16·tiles rows (tile u's is 16u below), token) for threads < 128·tiles / wt."""
+    var per = WARPS * wt // tiles
     var tid = Int(thread_idx.x)
     var w, lane = Int(warp_id()), Int(lane_id())
-    comptime for i in range(4):
-        red[unsafe_offset=(w * 32 + lane) * 4 + i] = acc[i]
-    barrier()
-    if tid >= 128 * tiles:
-        return (False, Float32(0), 0, 0)
-    var tile, e = tid // 128, tid % 128
-    var total = Float32(0)
-    for ww in range(per):
-        total += red[unsafe_offset=(tile * per + ww) * 128 + e]
+    var holder = tid < 128 * (tiles // wt)
+    var grp, e = tid // 128, tid % 128
+    var values = SIMD[DType.float32, wt](0)
+    comptime for u in range(wt):
+        comptime if u > 0:
+            barrier()  # the previous round's sums are read
+        comptime for i in range(4):
+            red[unsafe_offset=(w * 32 + lane) * 4 + i] = acc[4 * u + i]
+        barrier()
+        if holder:
+            var total = Float32(0)
+            for ww in range(per):
+                total += red[unsafe_offset=(grp * per + ww) * 128 + e]
+            values[u] = total
     var rc = fragment_coords(e // 4, e % 4)
-    return (True, total, 16 * tile + rc[0], rc[1])
+    return (holder, values, 16 * wt * grp + rc[0], rc[1])
 
 
 @always_inline
@@ -212,11 +266,11 @@ def prepare_x_local[
 
 @always_inline
 def sum_t[
-    dtype: DType, x_slots: Bool = True
+    dtype: DType, x_slots: Bool = True, wt: Int = 1
 ](t_parts: Pointer[Float32, _], s: Int, k: Int, xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED]):
     """Decode, block-wide: t = Σ_p t_parts[p] (s, k) rounded to `dtype` into shared memory after the rings (of
-    `ring_words[x_slots]`), each token's row `t_row(k)` words long and zero past k, for `decode_warp`'s B_T."""
-    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[x_slots](s)).unsafe_bitcast[Scalar[dtype]]()
+    `ring_words[x_slots, wt]`), each token's row `t_row(k)` words long and zero past k, for `decode_warp`'s B_T."""
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[x_slots, wt](s)).unsafe_bitcast[Scalar[dtype]]()
     var row = 2 * t_row(k)
     for e in range(Int(thread_idx.x), s * row, THREADS):
         var token, c = e // row, e % row

@@ -39,11 +39,13 @@ def x_slot_words(s: Int) -> Int:
 
 
 @always_inline
-def ring_words[x_slots: Bool = True](s: Int) -> Int:
-    """Shared words of one warp's decode ring for s tokens: codes and scales, then (`x_slots`) the activations."""
+def ring_words[x_slots: Bool = True, wt: Int = 1](s: Int) -> Int:
+    """Shared words of one warp's decode ring for s tokens: codes and scales, then (`x_slots`) the activations; or,
+    without activations, one RING_WORDS ring for each of the warp's `wt` row tiles."""
+    comptime assert wt == 1 or not x_slots, "a warp holds two row tiles only where its ring carries no activations"
     comptime if x_slots:
         return RING_WORDS + RING * x_slot_words(s)
-    return RING_WORDS
+    return wt * RING_WORDS
 
 
 @always_inline
@@ -161,10 +163,10 @@ def ring_copy[
 
 @always_inline
 def warp_ring[
-    x_slots: Bool = True
+    x_slots: Bool = True, wt: Int = 1
 ](xs: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED], s: Int) -> type_of(xs):
     """This warp's decode ring in the block's shared memory (after the cross-warp sums; `ring_words`)."""
-    return xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words[x_slots](s))
+    return xs.unsafe_offset(WARPS * 128 + Int(warp_id()) * ring_words[x_slots, wt](s))
 
 
 @always_inline
@@ -177,7 +179,7 @@ def warp_steps[bits: Int](ncols: Int, step0: Int, stride: Int) -> Int:
 
 @always_inline
 def ring_prefetch[
-    bits: Int, group: Int, dtype: DType, x_slots: Bool = True
+    bits: Int, group: Int, dtype: DType, x_slots: Bool = True, wt: Int = 1
 ](
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
@@ -191,22 +193,23 @@ def ring_prefetch[
 ):
     """Start copying the codes and scales of this warp's first RING - 1 K steps into its ring (uncommitted: the
     first of `ring_warp`'s groups completes them), before the activations they meet are ready (x is not read).
-    `x_slots`: the rings' layout (`ring_words`)."""
-    var ring = warp_ring[x_slots](xs, s)
+    `x_slots`, `wt`: the rings' layout (`ring_words`; tile u of the warp's `wt` starts at row0 + 16u)."""
+    var ring = warp_ring[x_slots, wt](xs, s)
     var mine = warp_steps[bits](ncols, step0, stride)
     syncwarp()  # every lane is done with the slots (an earlier `ring_warp`)
     comptime for i in range(RING - 1):
         if i < mine:
-            ring_copy[bits, group, dtype, False, False, ISSUE_CODES](
-                data, scales, x, row0, ncols, step0 + i * stride, i, ring, s
-            )
+            comptime for u in range(wt):
+                ring_copy[bits, group, dtype, False, False, ISSUE_CODES](
+                    data, scales, x, row0 + 16 * u, ncols, step0 + i * stride, i, ring.unsafe_offset(u * RING_WORDS), s
+                )
 
 
 @always_inline
 def ring_warp[
-    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool, xp: Bool, local_x: Bool = False
+    bits: Int, group: Int, dtype: DType, b_src: Int, x_ring: Bool, xp: Bool, local_x: Bool = False, wt: Int = 1
 ](
-    mut acc: SIMD[DType.float32, 4],
+    mut acc: SIMD[DType.float32, 4 * wt],
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
     row0: Int,
@@ -224,9 +227,10 @@ def ring_warp[
     flight without holding registers. With `xp`, x is xp (`prepare_x`), or with `local_x` (and no `x_ring`) the
     block's own prepared slots from word local_at of xs on (`prepare_x_local`); `local_x` rings hold no activation
     slots (`ring_words`), for B_T too. With `ahead`, the first steps' codes are already on their way
-    (`ring_prefetch`)."""
-    var ring = warp_ring[not local_x](xs, s)
-    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[not local_x](s))  # t, for B_T (`sum_t`)
+    (`ring_prefetch`). `wt` = 2 (`local_x` only): the warp holds rows row0 + 16u of two tiles u, each with a ring of
+    its own, acc[4u : 4u + 4] theirs; both tiles' mmas meet the same activation loads."""
+    var ring = warp_ring[not local_x, wt](xs, s)
+    var ts = xs.unsafe_offset(WARPS * 128 + WARPS * ring_words[not local_x, wt](s))  # t, for B_T (`sum_t`)
     comptime cpg = chunks_per_group[bits, group]()
     var mine = warp_steps[bits](ncols, step0, stride)
     var lane = Int(lane_id())
@@ -235,37 +239,47 @@ def ring_warp[
     syncwarp()  # the ring's previous reads (an earlier call) are done
     comptime for i in range(RING - 1):
         if i < mine:
-            if ahead:
-                ring_copy[bits, group, dtype, x_ring, xp, ISSUE_X](data, scales, x, row0, ncols, step0 + i * stride, i, ring, s)
-            else:
-                ring_copy[bits, group, dtype, x_ring, xp](data, scales, x, row0, ncols, step0 + i * stride, i, ring, s)
+            comptime for u in range(wt):
+                var tile_ring = ring.unsafe_offset(u * RING_WORDS)
+                if ahead:
+                    ring_copy[bits, group, dtype, x_ring, xp, ISSUE_X](
+                        data, scales, x, row0 + 16 * u, ncols, step0 + i * stride, i, tile_ring, s
+                    )
+                else:
+                    ring_copy[bits, group, dtype, x_ring, xp](
+                        data, scales, x, row0 + 16 * u, ncols, step0 + i * stride, i, tile_ring, s
+                    )
         async_copy_commit_group()
     var ahead_step = step0 + (RING - 1) * stride  # the step issued in iteration i
     for i in range(mine):
         syncwarp()  # every lane is done with the slot refilled next
         if i + RING - 1 < mine:
-            ring_copy[bits, group, dtype, x_ring, xp](
-                data, scales, x, row0, ncols, ahead_step, (i + RING - 1) & (RING - 1), ring, s
-            )
+            comptime for u in range(wt):
+                ring_copy[bits, group, dtype, x_ring, xp](
+                    data, scales, x, row0 + 16 * u, ncols, ahead_step, (i + RING - 1) & (RING - 1),
+                    ring.unsafe_offset(u * RING_WORDS), s,
+                )
         ahead_step += stride
         async_copy_commit_group()
         async_copy_wait_group(RING - 1)  # step i's group is complete
         syncwarp()
         var slot = i & (RING - 1)
-        var words = SIMD[DType.uint32, 8](0)
-        var sc = SIMD[DType.float32, 8](0)
-        comptime for r in range(2):
-            var base = (slot * 16 + g + 8 * r) * RING_ROW + q
-            comptime for j in range(4):
-                words[4 * r + j] = ring[base + 4 * j]
-                sc[4 * r + j] = scale_halves[unsafe_offset=(slot * 16 + g + 8 * r) * 4 + j // cpg].cast[DType.float32]()
+        var words = SIMD[DType.uint32, 8 * wt](0)
+        var sc = SIMD[DType.float32, 8 * wt](0)
+        comptime for u in range(wt):
+            comptime for r in range(2):
+                var base = u * RING_WORDS + (slot * 16 + g + 8 * r) * RING_ROW + q
+                var sbase = 2 * u * RING_WORDS + (slot * 16 + g + 8 * r) * 4  # (in halves)
+                comptime for j in range(4):
+                    words[8 * u + 4 * r + j] = ring[base + 4 * j]
+                    sc[8 * u + 4 * r + j] = scale_halves[unsafe_offset=sbase + j // cpg].cast[DType.float32]()
         var step = step0 + i * stride
         comptime if b_src == B_T:
             var tw = ts.unsafe_offset(step * (step_cols[bits]() // 2))
-            decode_step[bits, dtype, True](acc, words, sc, ncols, step, x, s, tw, t_row(ncols))
+            decode_step[bits, dtype, True, wt=wt](acc, words, sc, ncols, step, x, s, tw, t_row(ncols))
         elif local_x:
             var xw = xs.unsafe_offset(local_at + step * x_slot_words(s))
-            decode_step[bits, dtype, True, True](acc, words, sc, ncols, step, x, s, xw, X_ROW)
+            decode_step[bits, dtype, True, True, wt](acc, words, sc, ncols, step, x, s, xw, X_ROW)
         else:
             var xw = ring.unsafe_offset(RING_WORDS + slot * x_slot_words(s))
-            decode_step[bits, dtype, x_ring, xp](acc, words, sc, ncols, step, x, s, xw, X_ROW)
+            decode_step[bits, dtype, x_ring, xp, wt](acc, words, sc, ncols, step, x, s, xw, X_ROW)

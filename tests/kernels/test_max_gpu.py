@@ -49,6 +49,10 @@ CASES = {
     # decode with 28160 columns: a block's own prepared x would pass LOCAL_X_BYTES (`local_x_fits`), so stage 1
     # prepares it in xp and stage 2 reads it through the ring (`prepares_x`: the path of 8192×29568)
     "q2-stage1-xp-bf16": (64, 28160, {"rank": 16}, torch.bfloat16),
+    # decode, 264 blocks of 64 rows: each stage-2 warp holds two row tiles (`warp_tiles`), Q's and L's rings side by
+    # side (at 1 and 2 tokens); the same with fp16 factors and activations (L's fp16 loop one tile after the other)
+    "warp-tile-pairs-bf16": (16896, 512, {"rank": 32, "bias": True}, torch.bfloat16),
+    "warp-tile-pairs-fp16-factors-fp16": (16960, 256, {"rank": 8, "bl": 16, "br": 16}, torch.float16),
 }
 ROWS = (1, 2, 5, 9, 130)  # decode (activations in the ring up to 2 tokens), wide launch with one and three token passes
 
