@@ -15,8 +15,9 @@ Launch shapes:
                           or 4th K step, each with a cp.async ring of its next steps' codes, scales and
                           (s ≤ RING_X_TOKENS) activations in shared memory; partial sums meet in shared memory.
                           Where stage 2 has many blocks (`warp_tiles`), four tiles, each warp two of them
-                          (sharing their activation loads), 4 warps on each pair. Stage 2 is launched dependent on stage 1 (programmatic dependent launch): its first codes
-                          are requested while stage 1 still runs
+                          (sharing their activation loads), 4 warps on each pair. Stage 2 is launched dependent on
+                          stage 1 (programmatic dependent launch): its first codes are requested while stage 1 still
+                          runs
     larger s              block = 8 row tiles (a warp each, 128 rows) × 64 tokens over all K steps: the block
                           stages each step's activation tile in shared memory already permuted into mma B
                           fragments (one 8-byte load per lane and mma, the tile read from global memory once per
@@ -486,8 +487,8 @@ def wide_block[
     steps cut into `splits` ranges, L's loop in the last one. With `use_xp` (`tiles_x`) Q's activations, and t where
     L takes wgmma, come in staged-tile order from xp; with splits > 1 (`k_splits`, one launch only) each split leaves
     its float32 partial sums (splits, s, m) in `partials` and the last of the tile's splits to finish adds them up in
-    split order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the tile's pass
-    counter (where L takes wgmma: `launch_fused`), else sync[0], reaches wait_count."""
+    split order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the
+    tile's pass counter (where L takes wgmma: `launch_fused`), else sync[0], reaches wait_count."""
     comptime assert nt == NT_WIDE or (use_xp and fused), "wider tiles only in the ring (`tile_nt`)"
     var w, lane = Int(warp_id()), Int(lane_id())
     var tile_passes = ceildiv(s, 8 * nt)

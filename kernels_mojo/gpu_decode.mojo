@@ -68,7 +68,7 @@ def decode_warp[
             mma_step[bits, 1, dtype, b_src](acc, c[0], c[1], c[2], c[3], col0, x, t_parts, s, ncols, 0, xs)
     else:
         comptime if xp and b_src == B_X:
-            ring_warp[bits, group, dtype, b_src, not local_x, True, local_x, 1](
+            ring_warp[bits, group, dtype, b_src, not local_x, True, local_x, wt=1](
                 acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead, local_at
             )
             return
@@ -84,9 +84,11 @@ def decode_warp[
                 return
         comptime if b_src == B_X:
             if ring_x_tokens(s) > 0:
-                ring_warp[bits, group, dtype, b_src, True, False, wt=1](acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead)
+                ring_warp[bits, group, dtype, b_src, True, False, wt=1](
+                    acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead
+                )
                 return
-        ring_warp[bits, group, dtype, b_src, False, False, local_x, 1](
+        ring_warp[bits, group, dtype, b_src, False, False, local_x, wt=1](
             acc, data, scales, row0, ncols, step0, stride, x, s, xs, ahead
         )
 
