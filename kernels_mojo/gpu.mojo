@@ -105,18 +105,19 @@ def project_blocks(s: Int, k: Int) -> Int:
 
 
 @always_inline
-def decode_tiles(m: Int) -> Int:
+def decode_tiles(m: Int, wt: Int = 1) -> Int:
     """16-row tiles per block of stage 2 at decode: two where there are enough (m ≥ 32·SMS rows; H100, 8192 and
-    29568 rows: 1-5 µs faster than one, four slower), else one."""
-    return 2 if m >= 32 * SMS else 1
+    29568 rows: 1-5 µs faster than one, four slower), else one; twice that where each warp holds wt = 2
+    (`warp_tiles`)."""
+    return (2 if m >= 32 * SMS else 1) * wt
 
 
 @always_inline
 def apply_blocks(s: Int, m: Int, nt: Int = NT_WIDE, wt: Int = 1) -> Int:
-    """Blocks of stage 2 (a 1-D grid): at decode `decode_tiles`·wt row tiles each (`warp_tiles`), past SMALL_S its wide
-    tiles of 8·nt tokens (`tile_nt`)."""
+    """Blocks of stage 2 (a 1-D grid): at decode `decode_tiles` row tiles each (wt: `warp_tiles`), past SMALL_S its
+    wide tiles of 8·nt tokens (`tile_nt`)."""
     if s <= SMALL_S:
-        return ceildiv(m, 16 * decode_tiles(m) * wt)
+        return ceildiv(m, 16 * decode_tiles(m, wt))
     return ceildiv(m, 16 * WARPS) * ceildiv(s, 8 * nt)
 
 
@@ -400,11 +401,11 @@ def apply_block[
     and L's from t in that order where L takes wgmma). At decode, launched dependent on stage 1 (programmatic dependent
     launch): Q's first codes are requested while stage 1 runs; xp, t and y wait for its end. (Waiting for xp alone,
     counted per stage-1 block, measured slower: 26.8-28.0 µs against 22.9-24.3 on 8192², H100.) `wt` = 2 (`local_x`,
-    `warp_tiles`): the block holds twice `decode_tiles` tiles, each warp two of them (4 warps on each pair)."""
+    `warp_tiles`): each warp holds two of the block's tiles (4 warps on each pair)."""
     var w, lane = Int(warp_id()), Int(lane_id())
     comptime if not wide:  # `decode_tiles` 16-row tiles per block, each group of wt tiles with WARPS·wt / tiles
         # warps taking every (WARPS·wt / tiles)-th K step of Q, then of L (a tile past m, in the last block, is skipped)
-        var tiles = decode_tiles(m) * wt  # wt = 2: two pairs of tiles, 4 warps on each
+        var tiles = decode_tiles(m, wt)
         var per = WARPS * wt // tiles
         var row0, ws = 16 * (bid * tiles + wt * (w // per)), w % per
         var acc = SIMD[DType.float32, 4 * wt](0)

@@ -131,8 +131,7 @@ def decode_warp_tiles[
     comptime for u in range(wt):
         var part = acc.slice[4, offset = 4 * u]()
         decode_warp[bits, group, dtype, b_src, all_ring, xp, local_x](
-            part, data, scales, nrows, row0 + 16 * u, ncols, step0, stride, x, t_parts, s, xs, ahead and u == 0,
-            local_at,
+            part, data, scales, nrows, row0 + 16 * u, ncols, step0, stride, x, t_parts, s, xs, ahead, local_at
         )
         acc = acc.insert[offset = 4 * u](part)
 
