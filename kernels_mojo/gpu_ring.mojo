@@ -141,7 +141,7 @@ def ring_issue[
 
 @always_inline
 def ring_copy[
-    bits: Int, group: Int, dtype: DType, x_ring: Bool, xp: Bool, part: Int = ISSUE_ALL
+    bits: Int, group: Int, dtype: DType, x_ring: Bool, xp: Bool, part: Int = ISSUE_ALL, wt: Int = 1
 ](
     data: Pointer[UInt8, _],
     scales: Pointer[Float16, _],
@@ -153,12 +153,19 @@ def ring_copy[
     ring: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED],
     s: Int,
 ):
-    """`ring_issue`, built twice: for a step of 4 whole chunks (every step but a row's last: no bounds computed
+    """`ring_issue` for each of the warp's `wt` row tiles (tile u: rows from row0 + 16u, its ring RING_WORDS words
+    after tile u - 1's), built twice: for a step of 4 whole chunks (every step but a row's last: no bounds computed
     per copy) and for the rest."""
-    if step < ncols // step_cols[bits]():  # warp-uniform (the division is loop-invariant)
-        ring_issue[bits, group, dtype, x_ring, xp, part, True](data, scales, x, row0, ncols, step, slot, ring, s)
-    else:
-        ring_issue[bits, group, dtype, x_ring, xp, part, False](data, scales, x, row0, ncols, step, slot, ring, s)
+    comptime for u in range(wt):
+        var tile_ring, tile_row0 = ring.unsafe_offset(u * RING_WORDS), row0 + 16 * u
+        if step < ncols // step_cols[bits]():  # warp-uniform (the division is loop-invariant)
+            ring_issue[bits, group, dtype, x_ring, xp, part, True](
+                data, scales, x, tile_row0, ncols, step, slot, tile_ring, s
+            )
+        else:
+            ring_issue[bits, group, dtype, x_ring, xp, part, False](
+                data, scales, x, tile_row0, ncols, step, slot, tile_ring, s
+            )
 
 
 @always_inline
@@ -199,10 +206,9 @@ def ring_prefetch[
     syncwarp()  # every lane is done with the slots (an earlier `ring_warp`)
     comptime for i in range(RING - 1):
         if i < mine:
-            comptime for u in range(wt):
-                ring_copy[bits, group, dtype, False, False, ISSUE_CODES](
-                    data, scales, x, row0 + 16 * u, ncols, step0 + i * stride, i, ring.unsafe_offset(u * RING_WORDS), s
-                )
+            ring_copy[bits, group, dtype, False, False, ISSUE_CODES, wt](
+                data, scales, x, row0, ncols, step0 + i * stride, i, ring, s
+            )
 
 
 @always_inline
@@ -239,26 +245,22 @@ def ring_warp[
     syncwarp()  # the ring's previous reads (an earlier call) are done
     comptime for i in range(RING - 1):
         if i < mine:
-            comptime for u in range(wt):
-                var tile_ring = ring.unsafe_offset(u * RING_WORDS)
-                if ahead:
-                    ring_copy[bits, group, dtype, x_ring, xp, ISSUE_X](
-                        data, scales, x, row0 + 16 * u, ncols, step0 + i * stride, i, tile_ring, s
-                    )
-                else:
-                    ring_copy[bits, group, dtype, x_ring, xp](
-                        data, scales, x, row0 + 16 * u, ncols, step0 + i * stride, i, tile_ring, s
-                    )
+            if ahead:
+                ring_copy[bits, group, dtype, x_ring, xp, ISSUE_X, wt](
+                    data, scales, x, row0, ncols, step0 + i * stride, i, ring, s
+                )
+            else:
+                ring_copy[bits, group, dtype, x_ring, xp, wt=wt](
+                    data, scales, x, row0, ncols, step0 + i * stride, i, ring, s
+                )
         async_copy_commit_group()
     var ahead_step = step0 + (RING - 1) * stride  # the step issued in iteration i
     for i in range(mine):
         syncwarp()  # every lane is done with the slot refilled next
         if i + RING - 1 < mine:
-            comptime for u in range(wt):
-                ring_copy[bits, group, dtype, x_ring, xp](
-                    data, scales, x, row0 + 16 * u, ncols, ahead_step, (i + RING - 1) & (RING - 1),
-                    ring.unsafe_offset(u * RING_WORDS), s,
-                )
+            ring_copy[bits, group, dtype, x_ring, xp, wt=wt](
+                data, scales, x, row0, ncols, ahead_step, (i + RING - 1) & (RING - 1), ring, s
+            )
         ahead_step += stride
         async_copy_commit_group()
         async_copy_wait_group(RING - 1)  # step i's group is complete
