@@ -72,11 +72,11 @@ comptime MAX_SPLITS = 8
 comptime LONG_SPLIT_STEPS = 32
 """Fewest of Q's K steps in each K split of a 128-token tile (`k_splits`). Measured on the H100 at seq 128: splits
 of 16 steps (8192 columns at 2 bits, 3 splits) lost to unsplit 64-token tiles (74.4 against 72.0 µs on 8192²),
-splits of 39 steps (29568 columns) won (191.7 against 210.0 on 8192×29568): a split's partial sums cost s·m float32
-written and read again."""
+splits of 39 steps (29568 columns) won (191.7 against 210.0 on 8192×29568): a split's partial sums cost its tiles'
+float32 values written and read again."""
 comptime SPLIT_VALUES = 3 << 20
-"""Float32 values of the one-launch op's split-K scratch (`k_splits`): 3 splits of 128 tokens × 8192 rows. The graph
-gives the op a scratch output of this size on the GPU (max_graph.py's SPLIT_VALUES_GPU)."""
+"""Float32 values of the one-launch op's split-K scratch (`split_at`, `k_splits`): 3 splits of 128 tokens × 8192
+rows. The graph gives the op a scratch output of this size on the GPU (max_graph.py's SPLIT_VALUES_GPU)."""
 
 
 @always_inline
@@ -260,11 +260,11 @@ def counters_at[bq: Int, bl: Int](s: Int, n: Int, k: Int) -> Int:
 def k_splits[
     bq: Int, bl: Int, dtype: DType
 ](s: Int, m: Int, n: Int, k: Int, room: Bool, split_room: Int, nt: Int) -> Int:
-    """K splits of the one-launch op's wide tiles of nt token groups, where their float32 partial sums (splits, s,
-    m) fit in the split scratch of split_room values and the tile counters in xp (`counters_at`), at most MAX_SPLITS:
-    with NT_WIDE, as many as the SMs take beside the tiles and stage 1 (at least 4 of Q's K steps each); with
-    2·NT_WIDE, where the tiles are fewer than the SMs, as many as fill them with the stage-1 blocks where each split
-    keeps LONG_SPLIT_STEPS of Q's K steps. 1 without `tiles_x`."""
+    """K splits of the one-launch op's wide tiles of nt token groups, where their float32 partial sums (whole tiles:
+    `split_at`) fit in the split scratch of split_room values and the tile counters in xp (`counters_at`), at most
+    MAX_SPLITS: with NT_WIDE, as many as the SMs take beside the tiles and stage 1 (at least 4 of Q's K steps each);
+    with 2·NT_WIDE, where the tiles are fewer than the SMs, as many as fill them with the stage-1 blocks where each
+    split keeps LONG_SPLIT_STEPS of Q's K steps. 1 without `tiles_x`."""
     if not tiles_x[bq, bl, dtype](s, n, k, room):
         return 1
     if counters_at[bq, bl](s, n, k) + (passes(s) + apply_blocks(s, m)) * 4 > XP_PARTS * s * n:
@@ -277,7 +277,7 @@ def k_splits[
         most = min((SMS - stage1) // tiles, steps // 4)
     else:
         most = min(ceildiv(SMS + stage1, tiles) if tiles < SMS else 1, steps // LONG_SPLIT_STEPS)
-    return max(1, min(MAX_SPLITS, most, split_room // (s * m)))
+    return max(1, min(MAX_SPLITS, most, split_room // (tiles * split_values(nt))))
 
 
 @always_inline
@@ -331,6 +331,20 @@ def prefetch_span(p: Pointer[UInt8, _], first: Int, last: Int):
         inlined_assembly["prefetch.global.L2 [$0];", NoneType, constraints="l", has_side_effect=True](
             p.unsafe_offset(off)
         )
+
+
+@always_inline
+def split_values(nt: Int) -> Int:
+    """Float32 values of one K split's partial sums of a wide tile of nt token groups (128 rows × 8·nt tokens)."""
+    return THREADS * 4 * nt
+
+
+@always_inline
+def split_at(tile: Int, sp: Int, splits: Int, nt: Int) -> Int:
+    """Float offset in the split scratch of K split sp's partial sums of wide tile `tile` (of `splits` each): a
+    region of `split_values(nt)` in the accumulators' order, thread t's acc[4j : 4j+4] at (j·THREADS + t)·4 in it,
+    so that a warp's piece j is 512 contiguous bytes."""
+    return (tile * splits + sp) * split_values(nt)
 
 
 @always_inline
@@ -487,7 +501,7 @@ def wide_block[
     """Wide launch: tile `tile` (128 rows × 8·nt tokens) of y = x·Qᵀ + t·Lᵀ (+ b), from K split sp of `splits`: Q's
     steps cut into `splits` ranges, L's loop in the last one. With `use_xp` (`tiles_x`) Q's activations, and t where
     L takes wgmma, come in staged-tile order from xp; with splits > 1 (`k_splits`, one launch only) each split leaves
-    its float32 partial sums (splits, s, m) in `partials` and the last of the tile's splits to finish adds them up in
+    its float32 partial sums in `partials` (`split_at`) and the last of the tile's splits to finish adds them up in
     split order (the same bits whatever the order of finishing) and writes y. With `fused`, t is ready once the
     tile's pass counter (where L takes wgmma: `launch_fused`), else sync[0], reaches wait_count."""
     comptime assert nt == NT_WIDE or (use_xp and fused), "wider tiles only in the ring (`tile_nt`)"
@@ -525,20 +539,22 @@ def wide_block[
     comptime if split:  # (only with tiles: `k_splits`)
         if splits > 1:
             wait_on_dependent_grids()  # the counters are zeroed by the permute launch (an empty range never waited)
-            comptime for e in range(4 * nt):
-                var row, token = wide_coords(lane, e, 16 * rt, tok0)
-                if row < m and token < s:
-                    partials[unsafe_offset=(sp * s + token) * m + row] = acc[e]
+            var mine = 4 * Int(thread_idx.x)  # the thread's first piece in its tile's regions (`split_at`)
+            comptime for j in range(nt):
+                partials.unsafe_store[alignment=16](
+                    split_at(tile, sp, splits, nt) + mine + 4 * THREADS * j, acc.slice[4, offset = 4 * j]()
+                )
             var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
             var counter = counters.unsafe_offset(passes(s) + tile)
             if not arrive(counter, splits - 1, red):  # only the tile's last split goes on
                 return
             acc = 0
             for p in range(splits):
-                comptime for e in range(4 * nt):
-                    var row, token = wide_coords(lane, e, 16 * rt, tok0)
-                    if row < m and token < s:
-                        acc[e] += partials[unsafe_offset=(p * s + token) * m + row]
+                comptime for j in range(nt):
+                    var part = partials.unsafe_load[width=4, alignment=16](
+                        split_at(tile, p, splits, nt) + mine + 4 * THREADS * j
+                    )
+                    acc = acc.insert[offset = 4 * j](acc.slice[4, offset = 4 * j]() + part)
     comptime for e in range(4 * nt):
         var row, token = wide_coords(lane, e, 16 * rt, tok0)
         if row < m and token < s:

@@ -41,7 +41,8 @@ T_PARTS_GPU = 8
 XP_PARTS_GPU = 2
 """Rows of the prepared-activations scratch for 2-bit Q on the GPU: gpu_decode.mojo's XP_PARTS (else none)."""
 SPLIT_VALUES_GPU = 3 << 20
-"""Float32 values of the fused op's split-K scratch on the GPU (8 MB, whatever the tokens): gpu.mojo's SPLIT_VALUES."""
+"""Float32 values of the fused op's split-K scratch on the GPU (12 MiB, whatever the tokens): gpu.mojo's
+SPLIT_VALUES."""
 
 DTYPES = {torch.float32: DType.float32, torch.bfloat16: DType.bfloat16, torch.float16: DType.float16}
 
