@@ -305,22 +305,42 @@ def reduce_t[
     tpass: Int,
     share: Int,
     shares: Int,
+    sums: Pointer[mut=True, Float32, _, address_space=AddressSpace.SHARED],
 ):
     """Block-wide: share `share` of `shares` of token pass `tpass` (8·NT_WIDE tokens) of xt = Σ_p t_parts[p] (s, k)
-    rounded to `dtype`, in the staged-tile order of `bl`-bit codes (`permute_x`); the partials are added in p order."""
-
-    @__parameter
-    def t_value(token: Int, col: Int) -> Scalar[dtype]:
-        var total = Float32(0)
-        comptime for p in range(P_SPLIT):
-            total += t_parts[unsafe_offset=(p * s + token) * k + col]
-        return total.cast[dtype]()
-
+    rounded to `dtype`, in the staged-tile order of `bl`-bit codes (`permute_x`); the partials are added in p order.
+    The share is every shares-th (8-token group, K step) of the pass: its 8 × step_cols sums are first added up in
+    `sums` (shared, 8·step_cols float32) from 16-byte loads of t_parts (a warp reads 512 contiguous bytes of a
+    partial), then permuted from there. Ends with a barrier."""
+    comptime cols = step_cols[bl]()
+    comptime quads = cols // 4  # 16-byte pieces of a token's step in t_parts
     var row = tile_row_cols[bl](k)
-    var pieces = min(NT_WIDE, ceildiv(s, 8) - NT_WIDE * tpass) * row
-    var per = ceildiv(pieces, shares)
-    for piece in range(share * per + Int(thread_idx.x), min((share + 1) * per, pieces), THREADS):
-        permute_x[bl, dtype, t_value](xt, s, k, NT_WIDE * tpass + piece // row, piece % row)
+    var groups = min(NT_WIDE, ceildiv(s, 8) - NT_WIDE * tpass)
+    var steps = row // cols
+    var tid = Int(thread_idx.x)
+    for unit in range(share, groups * steps, shares):  # block-uniform
+        var tg, step = NT_WIDE * tpass + unit // steps, unit % steps
+        for e in range(tid, 8 * quads, THREADS):
+            var token, col = 8 * tg + e // quads, step * cols + 4 * (e % quads)
+            var total = SIMD[DType.float32, 4](0)
+            if token < s and col + 4 <= k and k % 4 == 0:
+                comptime for p in range(P_SPLIT):
+                    total += t_parts.unsafe_load[width=4, alignment=16]((p * s + token) * k + col)
+            elif token < s:
+                comptime for p in range(P_SPLIT):
+                    comptime for i in range(4):
+                        if col + i < k:
+                            total[i] += t_parts[unsafe_offset=(p * s + token) * k + col + i]
+            sums.unsafe_store[alignment=16](4 * e, total)
+        barrier()
+
+        @__parameter
+        def t_value(token: Int, col: Int) -> Scalar[dtype]:
+            return sums[unsafe_offset=(token - 8 * tg) * cols + col - step * cols].cast[dtype]()
+
+        for j in range(tid, cols, THREADS):
+            permute_x[bl, dtype, t_value](xt, s, k, tg, step * cols + j)
+        barrier()  # `sums` is free again
 
 
 @always_inline
@@ -804,7 +824,8 @@ def launch_fused[
                 wait_on_dependent_grids()  # the counters are zeroed by the permute launch
                 _ = arrive(counter, -1, red)
                 wait_for(counter, group)
-                reduce_t[bl](xp.unsafe_offset(tiles_values[bq](s, n)), t_parts, s, k, bid // group, bid % group, group)
+                var xt = xp.unsafe_offset(tiles_values[bq](s, n))
+                reduce_t[bl](xt, t_parts, s, k, bid // group, bid % group, group, red.unsafe_offset(4))
                 _ = arrive(counter, -1, red)
             else:
                 _ = arrive(sync, -1, red)
