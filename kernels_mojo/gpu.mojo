@@ -360,11 +360,11 @@ def split_values(nt: Int) -> Int:
 
 
 @always_inline
-def split_at(tile: Int, sp: Int, splits: Int, nt: Int) -> Int:
-    """Float offset in the split scratch of K split sp's partial sums of wide tile `tile` (of `splits` each): a
-    region of `split_values(nt)` in the accumulators' order, thread t's acc[4j : 4j+4] at (j·THREADS + t)·4 in it,
-    so that a warp's piece j is 512 contiguous bytes."""
-    return (tile * splits + sp) * split_values(nt)
+def split_at(tile: Int, sp: Int, splits: Int, nt: Int, j: Int) -> Int:
+    """Float offset in the split scratch of this thread's piece j (acc[4j : 4j + 4]) of K split sp's partial sums
+    of wide tile `tile` (of `splits` each): the split's region of `split_values(nt)` holds them in the accumulators'
+    order, thread t's piece j at (j·THREADS + t)·4, so that a warp's piece j is 512 contiguous bytes."""
+    return (tile * splits + sp) * split_values(nt) + 4 * (j * THREADS + Int(thread_idx.x))
 
 
 @always_inline
@@ -559,11 +559,8 @@ def wide_block[
     comptime if split:  # (only with tiles: `k_splits`)
         if splits > 1:
             wait_on_dependent_grids()  # the counters are zeroed by the permute launch (an empty range never waited)
-            var mine = 4 * Int(thread_idx.x)  # the thread's first piece in its tile's regions (`split_at`)
             comptime for j in range(nt):
-                partials.unsafe_store[alignment=16](
-                    split_at(tile, sp, splits, nt) + mine + 4 * THREADS * j, acc.slice[4, offset = 4 * j]()
-                )
+                partials.unsafe_store[alignment=16](split_at(tile, sp, splits, nt, j), acc.slice[4, offset = 4 * j]())
             var counters = xp.unsafe_offset(counters_at[bq, bl](s, n, k)).unsafe_bitcast[Int64]()
             var counter = counters.unsafe_offset(passes(s) + tile)
             if not arrive(counter, splits - 1, red):  # only the tile's last split goes on
@@ -571,9 +568,7 @@ def wide_block[
             acc = 0
             for p in range(splits):
                 comptime for j in range(nt):
-                    var part = partials.unsafe_load[width=4, alignment=16](
-                        split_at(tile, p, splits, nt) + mine + 4 * THREADS * j
-                    )
+                    var part = partials.unsafe_load[width=4, alignment=16](split_at(tile, p, splits, nt, j))
                     acc = acc.insert[offset = 4 * j](acc.slice[4, offset = 4 * j]() + part)
     comptime for e in range(4 * nt):
         var row, token = wide_coords(lane, e, 16 * rt, tok0)
