@@ -436,7 +436,7 @@ def apply_block[
     launch): Q's first codes are requested while stage 1 runs; xp, t and y wait for its end. (Waiting for xp alone,
     counted per stage-1 block, measured slower: 26.8-28.0 µs against 22.9-24.3 on 8192², H100.) `wt` = 2 (`local_x`,
     `warp_tiles`): each warp holds two of the block's tiles (4 warps on each pair)."""
-    var w, lane = Int(warp_id()), Int(lane_id())
+    var w = Int(warp_id())
     comptime if not wide:  # `decode_tiles` 16-row tiles per block, each group of wt tiles with WARPS·wt / tiles
         # warps taking every (WARPS·wt / tiles)-th K step of Q, then of L (a tile past m, in the last block, is skipped)
         var tiles = decode_tiles(m, wt)

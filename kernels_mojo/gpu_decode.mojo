@@ -279,5 +279,5 @@ def sum_t[
         if c < k:
             for p in range(P_SPLIT):
                 total += t_parts[unsafe_offset=(p * s + token) * k + c]
-        ts[e] = total.cast[dtype]()
+        ts[unsafe_offset=e] = total.cast[dtype]()
     barrier()

@@ -97,9 +97,11 @@ def ring_issue[
     var dst = ring.unsafe_bitcast[UInt8]().unsafe_offset(((slot * 16 + g) * RING_ROW + 4 * q) * 4)
     var size = Int32(16 if whole or q < chunks else 0)
     comptime if part != ISSUE_X:
-        async_copy[16, fill=ZERO](src.address_space_cast[AddressSpace.GLOBAL](), dst, src_size=size)
+        async_copy[16, fill=ZERO](src.unsafe_address_space_cast[AddressSpace.GLOBAL](), dst, src_size=size)
         async_copy[16, fill=ZERO](
-            src.unsafe_offset(8 * row_bytes).address_space_cast[AddressSpace.GLOBAL](), dst.unsafe_offset(8 * RING_ROW * 4), src_size=size
+            src.unsafe_offset(8 * row_bytes).unsafe_address_space_cast[AddressSpace.GLOBAL](),
+            dst.unsafe_offset(8 * RING_ROW * 4),
+            src_size=size
         )
     comptime if sbytes >= 4 and part != ISSUE_X:  # (`ring_fits` takes no other tile)
         comptime per_row = sbytes // 4  # 4-byte pieces: lanes q < 2·per_row of the quad copy one each
@@ -111,7 +113,7 @@ def ring_issue[
             var ssrc = scales.unsafe_offset((row0 + g + 8 * r) * groups + 2 * piece)
             ssrc = ssrc.unsafe_offset(Int(UInt32(step_group[bits, group](step)))) if valid > 0 else scales
             async_copy[4, fill=ZERO](
-                ssrc.unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
+                ssrc.unsafe_bitcast[UInt8]().unsafe_address_space_cast[AddressSpace.GLOBAL](),
                 scale_words.unsafe_offset((slot * 16 + g + 8 * r) * 2 + piece).unsafe_bitcast[UInt8](),
                 src_size=Int32(2 * valid),
             )
@@ -124,7 +126,9 @@ def ring_issue[
             if t < s and lane < pieces:
                 var xl = x.unsafe_offset(t * ncols + 8 * lane)
                 async_copy[16, fill=ZERO](
-                    (xl.unsafe_offset(col) if inside else x).unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
+                    (xl.unsafe_offset(col) if inside else x)
+                    .unsafe_bitcast[UInt8]()
+                    .unsafe_address_space_cast[AddressSpace.GLOBAL](),
                     xw.unsafe_offset(t * X_ROW + 4 * lane).unsafe_bitcast[UInt8](),
                     src_size=Int32(16 if inside else 0),
                 )
@@ -133,7 +137,9 @@ def ring_issue[
                 var sx = x.unsafe_offset(s * ncols).unsafe_bitcast[Float32]().unsafe_offset(4 * lane)
                 var inside_sx = whole or lane < chunks
                 async_copy[16, fill=ZERO](
-                    (sx.unsafe_offset(Int(st * 16)) if inside_sx else sx).unsafe_bitcast[UInt8]().address_space_cast[AddressSpace.GLOBAL](),
+                    (sx.unsafe_offset(Int(st * 16)) if inside_sx else sx)
+                    .unsafe_bitcast[UInt8]()
+                    .unsafe_address_space_cast[AddressSpace.GLOBAL](),
                     xw.unsafe_offset(s * X_ROW + 4 * lane).unsafe_bitcast[UInt8](),
                     src_size=Int32(16 if inside_sx else 0),
                 )
@@ -273,7 +279,7 @@ def ring_warp[
                 var base = u * RING_WORDS + (slot * 16 + g + 8 * r) * RING_ROW + q
                 var sbase = 2 * u * RING_WORDS + (slot * 16 + g + 8 * r) * 4  # (in halves)
                 comptime for j in range(4):
-                    words[8 * u + 4 * r + j] = ring[base + 4 * j]
+                    words[8 * u + 4 * r + j] = ring[unsafe_offset=base + 4 * j]
                     sc[8 * u + 4 * r + j] = scale_halves[unsafe_offset=sbase + j // cpg].cast[DType.float32]()
         var step = step0 + i * stride
         comptime if b_src == B_T:

@@ -21,7 +21,7 @@ comptime X_ROW = 132
 """Words of one token's activations in a ring slot: a step's 256 16-bit values (2-bit codes; 4-bit use 128), padded
 by 16 bytes so that two tokens' rows start in different banks."""
 comptime ZERO = Scalar[DType.uint8](0)
-"""cp.async's fill: with it, the bytes past `src_size` are zeroed (without it `src_size` is ignored)."""
+"""The fill of cp.async: with it, the bytes past `src_size` are zeroed (without it `src_size` is ignored)."""
 comptime B_X = 0
 comptime B_T = 1
 comptime B_SHARED = 2

@@ -175,7 +175,7 @@ def wg_issue_x[
     comptime for i in range(64 // rows):
         var inside = tok0 + t0 + rows * i < s and col < ncols
         async_copy[16, fill=ZERO](
-            (src.unsafe_offset(i * pass_bytes) if inside else x.unsafe_bitcast[UInt8]()).address_space_cast[
+            (src.unsafe_offset(i * pass_bytes) if inside else x.unsafe_bitcast[UInt8]()).unsafe_address_space_cast[
                 AddressSpace.GLOBAL
             ](),
             dst.unsafe_offset(i * rows * X_ROW * 4),
@@ -213,7 +213,7 @@ def wg_fill_unit[
 @always_inline
 def wg_shared_units[bits: Int](nat: Pointer[mut=True, UInt32, _, address_space=AddressSpace.SHARED]) -> SIMD[DType.uint32, 32]:
     """This thread's unit, (token t = thread % 64, word block blk = thread / 64), read from the natural tile
-    (`wg_issue_x`, `wg_fill_unit`): block blk of each of the step's 4 chunks q, natural pairs, at words 8q …"""
+    (`wg_issue_x`, `wg_fill_unit`): block blk of each of the step's 4 chunks q, natural pairs, at words 8q to 8q + 7."""
     comptime block_cols = chunk_cols[bits]() // 4
     var tid = Int(thread_idx.x)
     var t, blk = tid % 64, tid // 64
@@ -315,7 +315,7 @@ def wg_multiply[
     desc: WGMMADescriptor[dtype],
     magic: UInt32,
 ):
-    """acc += the warpgroup's dequantized K step (`load_step`'s chunk of each lane, as mma.sync A fragments) times
+    """Adds to acc the warpgroup's dequantized K step (`load_step`'s chunk of each lane, as mma.sync A fragments) times
     the staged B tile of 8·nt tokens at `desc` (`slice_bytes` per k16 slice): 16 (2-bit) or 8 (4-bit) wgmmas
     m64n(8·nt)k16 in 4 commit groups, each group's A registers free again once the next is issued; returns with all of
     them done. The codes decode by `shifted_pair` (`magic`: `magic_word`)."""
@@ -418,7 +418,7 @@ def wg_issue_tile[
         comptime for it in range(copies):
             var j = lane + 32 * it
             async_copy[16, fill=ZERO](
-                (src.unsafe_offset(16 * j) if inside else xt.unsafe_bitcast[UInt8]()).address_space_cast[
+                (src.unsafe_offset(16 * j) if inside else xt.unsafe_bitcast[UInt8]()).unsafe_address_space_cast[
                     AddressSpace.GLOBAL
                 ](),
                 dst.unsafe_offset((j // 16) * slice_bytes(nt)),
