@@ -19,6 +19,7 @@ import collections, re, struct, subprocess, sys
 from pathlib import Path
 out, nvdisasm = Path(sys.argv[1]), sys.argv[2]
 data = next((out / "mef").rglob("*.mef")).read_bytes()
+kernels = 0
 for i, o in enumerate(m.start() for m in re.finditer(rb"\x7fELF", data)):
     if struct.unpack_from("<H", data, o + 0x12)[0] != 190:  # EM_CUDA
         continue
@@ -39,4 +40,7 @@ for i, o in enumerate(m.start() for m in re.finditer(rb"\x7fELF", data)):
     regs = max((int(r) for r in re.findall(r"\bR(\d+)\b", sass)), default=0) + 1
     top = ", ".join(f"{op} {n}" for op, n in ops.most_common(10))
     print(f"{name[-16:]}-{i}  ~{regs} regs  {sum(ops.values())} instrs: {top}")
+    kernels += 1
+# MAX 26.7 leaves a kernel closure that calls another closure out of the graph without an error: compare the count
+print(f"{kernels} kernels in the graph")
 PY
