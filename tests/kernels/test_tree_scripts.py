@@ -39,6 +39,9 @@ def test_pack_then_parity_trees(tmp_path):
     warm_only = run(["bash", "benchmarks/parity_trees.sh", "one"], clone, OUT=str(out), PARITY="0")
     assert warm_only.stdout.startswith("one: no parity (PARITY=0) | warm rc 2"), warm_only.stdout
     assert not (out / "parity-one.log").exists()
+    # PARITY_K: only the cases pytest -k selects (a short lease)
+    some = run(["bash", "benchmarks/parity_trees.sh", "one"], clone, OUT=str(out), PARITY_K="qwen")
+    assert "deselected" in some.stdout, some.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, ab_trees.sh times the real benches")
