@@ -247,15 +247,17 @@ def _peaks(folders: list[Path], runs: Path) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
-def test_peak_rss_grows_by_less_than_two_layers_from_4_to_8_layers(tmp_path):
-    """Peak RSS of calibrate + decompose on 4 and then 8 layers (the 8-layer run inherits what the 4-layer one left)."""
+def test_peak_rss_grows_by_less_than_three_layers_from_4_to_8_layers(tmp_path):
+    """Peak RSS of calibrate + decompose on 4 and then 8 layers (the 8-layer run inherits what the 4-layer one left).
+    Holding the 4 extra layers would add 4 layers (28 MB); the allocator's run-to-run spread here reached 17 MB (a
+    fresh clone on 2 cores: 477.2 -> 494.6 MB; other runs 0.1-9.3 MB), so the bound is 3 layers."""
     dims = {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 6}
     folders = [tiny_llama(tmp_path / f"llama{n}", seed=0, num_hidden_layers=n, shards=2, **dims) for n in (4, 8)]
     peak4, peak8 = _peaks(folders, tmp_path / "runs")
     layer = ShardReader(folders[0]).nbytes("model.layers.0.")  # 7.1 MB float32
     assert layer > 7e6
     print(f"peak RSS {peak4 / 1e6:.1f} MB -> {peak8 / 1e6:.1f} MB from 4 to 8 layers; a layer is {layer / 1e6:.1f} MB")
-    assert peak8 - peak4 < 2 * layer, f"peak RSS {peak4 / 1e6:.1f} MB -> {peak8 / 1e6:.1f} MB from 4 to 8 layers"
+    assert peak8 - peak4 < 3 * layer, f"peak RSS {peak4 / 1e6:.1f} MB -> {peak8 / 1e6:.1f} MB from 4 to 8 layers"
 
 
 # the command ---------------------------------------------------------------------------------------------
