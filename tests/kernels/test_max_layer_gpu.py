@@ -31,15 +31,17 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-def test_layer_graph_steps_on_the_gpu():
-    """q/k/v with biases and odd widths (8·9, 8·3) as one step, and the SwiGLU MLP (160 = 32·5) as another."""
+@pytest.mark.parametrize("lead", [(2, 5), (1, 1), (2, 1)], ids=["wide", "decode1", "decode2"])
+def test_layer_graph_steps_on_the_gpu(lead):
+    """q/k/v with biases and odd widths (8·9, 8·3) as one step, and the SwiGLU MLP (160 = 32·5) as another; 10
+    tokens take the wide launch, 1 and 2 the decode launches (one op's stage 1 right after another's stage 2)."""
     raw = {n: random_packed_linear(m, k, rank=8, bias=b, seed=i) for i, (n, (m, k, b)) in enumerate(SHAPES.items())}
     raw |= {n: random_packed_linear(m, k, rank=8, seed=10 + i) for i, (n, (m, k)) in enumerate(MLP.items())}
     linears = {n: CompressedLinear(t, "linear", meta).cuda() for n, (t, meta) in raw.items()}
     steps = [ml.Step(((linears["q"], linears["k"], linears["v"]),))]
     steps.append(ml.Step(((linears["gate"], linears["up"]), (linears["down"],)), swiglu=True))
     graph = ml.LayerGraph(steps)
-    x = torch.randn(2, 5, 72, generator=torch.Generator().manual_seed(50)).to(torch.bfloat16)
+    x = torch.randn(*lead, 72, generator=torch.Generator().manual_seed(50)).to(torch.bfloat16)
     outputs = graph(x.cuda(), x.cuda())
     xd = x.double()
     refs = [doc_forward(raw[n][0], "linear", raw[n][1], xd) for n in "qkv"]
